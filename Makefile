@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` (main job) and `make test` (the tests).
+# Each one sets up ./.venv first (created if missing, re-used if present).
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint format clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(BIN)/vlatune sim check
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not sim and not slow" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

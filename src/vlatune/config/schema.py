@@ -1,0 +1,153 @@
+"""Typed run configuration: one pydantic model per section, validated when loaded.
+
+A recipe YAML holds the sections `data`, `policy`, `optim`, `train` and `eval`; every key has a
+type and a default, and an unknown key is an error (see `vlatune.config.loader` for the
+messages). The LIBERO conventions a dataset declares (`data.image_orientation`, `data.gripper`)
+are fields here so that they are saved with every checkpoint.
+
+    >>> from vlatune.config import Config
+    >>> Config().optim.lr
+    0.0001
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vlatune.conventions import GripperConvention, ImageOrientation, resolve_suite
+
+
+class Strict(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Strict):
+    """Train-time image augmentation (never applied at evaluation)."""
+
+    enabled: bool = True
+    crop_area: float = Field(
+        0.9, gt=0.0, le=1.0, description="random crop keeping this area fraction (OFT: 0.9)"
+    )
+    brightness: float = Field(0.2, ge=0.0)
+    contrast: float = Field(0.2, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+
+
+class DataConfig(Strict):
+    path: str | None = Field(None, description="dataset folder or file")
+    format: Literal["auto", "libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30"] = "auto"
+    subset: Literal["spatial", "object", "goal", "long"] | None = None
+    cameras: list[str] = Field(default_factory=lambda: ["agentview", "wrist"])
+    image_size: int = Field(224, gt=0)
+    action_horizon: int = Field(8, gt=0)
+    batch_size: int = Field(32, gt=0)
+    num_workers: int = Field(0, ge=0)
+    normalization: Literal["q99", "mean_std", "none"] = "q99"
+    image_orientation: ImageOrientation = Field(
+        "raw", description="orientation of the stored frames: raw LIBERO renders or already upright"
+    )
+    gripper: GripperConvention = Field(
+        "-1_open", description="gripper convention of the stored actions"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    camera_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="drop each camera with this probability"
+    )
+    min_cameras: int = Field(1, ge=1, description="never drop below this many cameras")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+
+    @field_validator("cameras")
+    @classmethod
+    def _cameras_not_empty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one camera is needed")
+        return v
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class PolicyConfig(Strict):
+    backbone: Literal["tiny", "hf-vlm", "rdt"] = "tiny"
+    model_id: str | None = Field(
+        None, description="hub id or local folder for hf-vlm / rdt backbones"
+    )
+    head: Literal["l1", "tokens", "diffusion", "flow"] = "l1"
+    action_tokenizer: Literal["fast", "bins"] | None = None
+    use_proprio: bool = True
+    lora: LoraConfig | None = None
+    freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze")
+
+    @model_validator(mode="after")
+    def _tokens_need_tokenizer(self) -> PolicyConfig:
+        if self.head == "tokens" and self.action_tokenizer is None:
+            raise ValueError(
+                "policy.head 'tokens' needs policy.action_tokenizer ('fast' or 'bins')"
+            )
+        return self
+
+
+class OptimConfig(Strict):
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "linear", "multistep"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    decay_steps: list[int] = Field(
+        default_factory=list, description="multistep: steps where lr *= decay_factor"
+    )
+    decay_factor: float = Field(0.1, gt=0.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+
+
+class TrainConfig(Strict):
+    output_dir: str = "runs/default"
+    seed: int = 0
+    max_steps: int = Field(1000, gt=0)
+    max_minutes: float | None = Field(None, gt=0.0, description="stop after this wall time")
+    grad_accum_steps: int = Field(1, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    save_every: int = Field(500, gt=0)
+    keep_last: int = Field(2, gt=0)
+    log_every: int = Field(10, gt=0)
+    val_every: int | None = Field(None, gt=0)
+    resume: str = Field("auto", description="'auto', 'never', or a checkpoint folder")
+
+
+class EvalConfig(Strict):
+    suite: str = "libero_object"
+    tasks: list[int] | None = None
+    trials: int = Field(50, gt=0)
+    seed: int = 7
+    max_steps: int | None = Field(
+        None, gt=0, description="None: the suite's standard episode length"
+    )
+    replan: int = Field(8, gt=0, description="execute this many actions of a chunk, then re-query")
+    workers: int = Field(1, gt=0)
+    resolution: int = Field(256, gt=0)
+    video: Literal["none", "failures", "all"] = "failures"
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, v: str) -> str:
+        return resolve_suite(v)
+
+
+class Config(Strict):
+    """A whole run: what data, which policy, how to optimise, train and evaluate."""
+
+    name: str = "run"
+    data: DataConfig = Field(default_factory=DataConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -1,0 +1,1 @@
+"""LIBERO simulation: headless set-up, the environment wrapper and the `sim check` smoke test."""

@@ -1,0 +1,170 @@
+"""One LIBERO task environment in vlatune's conventions, reused across episodes.
+
+Observations come out upright (both cameras), with the 8-d state and the instruction; actions go
+in the env convention (7-d, gripper -1 open / +1 close). `reset(i)` restores fixed initial state
+`i % 50` and runs the 10 settle steps, as every peer evaluation does. Creating the environment
+costs 8-16 s on CPU, so keep one per task and call `reset` for each episode.
+
+    >>> env = LiberoEnv("libero_object", task_id=0, resolution=128)
+    >>> obs = env.reset(0)
+    >>> obs, success, info = env.step(np.zeros(7))
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlatune import keys
+from vlatune.conventions import (
+    ACTION_DIM,
+    CAMERAS,
+    NUM_STEPS_WAIT,
+    SETTLE_ACTION,
+    SUITES,
+    libero_state,
+    resolve_suite,
+    to_upright,
+)
+from vlatune.sim.setup import import_libero, load_init_states
+
+
+@dataclass(frozen=True)
+class LiberoTask:
+    suite: str
+    task_id: int
+    name: str
+    instruction: str  # the prompt peers use: LIBERO's task.language, from the task's file name
+    bddl_instruction: (
+        str  # the BDDL's own wording, which differs for some tasks ("pick" vs "pick up")
+    )
+    bddl_file: Path
+    init_states_file: Path
+
+
+def get_task(suite: str, task_id: int) -> LiberoTask:
+    """Task `task_id` of `suite` in the standard order (LIBERO's task_order_index=0)."""
+    suite = resolve_suite(suite)
+    libero_pkg = import_libero()
+    from libero.libero.benchmark import task_maps
+    from libero.libero.benchmark.libero_suite_task_map import libero_task_map
+
+    names = libero_task_map[suite]
+    if not 0 <= task_id < len(names):
+        raise ValueError(f"{suite} has tasks 0..{len(names) - 1}; got task {task_id}")
+    name = names[task_id]
+    root = Path(os.path.dirname(libero_pkg.__file__))
+    bddl = root / "bddl_files" / suite / f"{name}.bddl"
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    return LiberoTask(
+        suite=suite,
+        task_id=task_id,
+        name=name,
+        # openvla-oft, openpi and LeRobot's LIBERO datasets all prompt with task.language
+        instruction=task_maps[suite][name].language,
+        bddl_instruction=get_problem_info(str(bddl))["language_instruction"],
+        bddl_file=bddl,
+        init_states_file=root / "init_files" / suite / f"{name}.pruned_init",
+    )
+
+
+class LiberoEnv:
+    """A LIBERO task at a chosen resolution, observations in vlatune's convention."""
+
+    def __init__(
+        self,
+        suite: str,
+        task_id: int,
+        resolution: int = 256,
+        cameras: Sequence[str] = ("agentview", "wrist"),
+        seed: int = 0,
+        render: bool = True,
+    ):
+        unknown = [c for c in cameras if c not in CAMERAS]
+        if unknown:
+            raise ValueError(f"unknown camera(s) {unknown}; valid: {sorted(CAMERAS)}")
+        self.task = get_task(suite, task_id)
+        self.suite = self.task.suite
+        self.max_steps = SUITES[self.suite].max_steps
+        self.resolution = resolution
+        self.cameras = tuple(cameras) if render else ()
+        self.seed = seed
+        self.init_states = load_init_states(self.task.init_states_file)
+        from libero.libero.envs import OffScreenRenderEnv
+
+        kwargs: dict[str, Any] = {"bddl_file_name": str(self.task.bddl_file)}
+        if render:
+            kwargs.update(
+                camera_names=[CAMERAS[c] for c in self.cameras],
+                camera_heights=resolution,
+                camera_widths=resolution,
+            )
+        else:
+            kwargs.update(use_camera_obs=False, has_offscreen_renderer=False)
+        self._env = OffScreenRenderEnv(**kwargs)
+        self._env.seed(seed)
+        self.last_raw: dict[str, Any] | None = None
+
+    @property
+    def instruction(self) -> str:
+        return self.task.instruction
+
+    @property
+    def sim(self):
+        """The underlying robosuite environment (privileged state: scripted expert, tests)."""
+        return self._env.env
+
+    def observation(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """Raw robosuite observations -> {images (upright), state (8,), instruction}."""
+        images = {c: to_upright(raw[f"{CAMERAS[c]}_image"]) for c in self.cameras}
+        return {
+            keys.IMAGES: images,
+            keys.STATE: libero_state(raw),
+            keys.INSTRUCTION: self.instruction,
+        }
+
+    def restore(self, init_index: int) -> dict[str, Any]:
+        """Reset and set fixed initial state `init_index % N` (no settle steps)."""
+        self._env.reset()
+        state = self.init_states[init_index % len(self.init_states)]
+        raw = self._env.set_init_state(state)
+        self.last_raw = raw
+        return self.observation(raw)
+
+    def settle(self, steps: int = NUM_STEPS_WAIT) -> dict[str, Any]:
+        """The dummy steps peers run after set_init_state so objects come to rest."""
+        obs = None
+        for _ in range(steps):
+            obs, _, _, _ = self.step(SETTLE_ACTION)
+        return obs if obs is not None else self.observation(self.last_raw)
+
+    def reset(self, init_index: int) -> dict[str, Any]:
+        """Restore initial state `init_index` and run the settle steps: the first policy input."""
+        self.restore(init_index)
+        return self.settle()
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        """One 20 Hz control step. Returns (observation, success, info)."""
+        action = np.asarray(action, dtype=np.float64).reshape(-1)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(
+                f"LIBERO actions are {ACTION_DIM}-d (env convention); got shape {action.shape}"
+            )
+        raw, _reward, done, info = self._env.step(action)
+        self.last_raw = raw
+        return self.observation(raw), bool(done), info
+
+    def close(self) -> None:
+        self._env.close()
+
+    def __enter__(self) -> LiberoEnv:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
