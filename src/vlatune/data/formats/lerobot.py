@@ -194,7 +194,7 @@ class LeRobotReader(DatasetReader):
             )
         for cam, key in self.camera_keys.items():
             out[f"image.{cam}"] = FeatureSpec(tuple(self.features[key]["shape"]), "uint8")
-        for name, spec in self.extras.items():
+        for spec in self.extras.values():
             out[spec["key"]] = FeatureSpec(tuple(spec["shape"]), spec["dtype"])
         return out
 
