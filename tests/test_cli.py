@@ -7,8 +7,8 @@ import json
 
 import yaml
 from click.testing import CliRunner
-from tests.conftest import run_cli
 
+from tests.conftest import run_cli
 from vlatune.cli import cli
 from vlatune.versions import PACKAGES
 

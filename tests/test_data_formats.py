@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from tests.data_fixtures import make_custom_hdf5, make_libero_hdf5
 
+from tests.data_fixtures import make_custom_hdf5, make_libero_hdf5
 from vlatune.data import DataError, detect_format, open_dataset
 from vlatune.data.convert import convert
 from vlatune.data.video import psnr

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+
 from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.sim
