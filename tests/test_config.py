@@ -20,7 +20,7 @@ def test_defaults_validate():
     cfg = load_config()
     assert isinstance(cfg, Config)
     assert cfg.eval.suite == "libero_object"
-    assert cfg.data.gripper == "-1_open"
+    assert cfg.data.gripper == "auto" and cfg.data.gripper_dim == -1
 
 
 def test_yaml_and_overrides(tmp_path):

@@ -47,11 +47,17 @@ class DataConfig(Strict):
     batch_size: int = Field(32, gt=0)
     num_workers: int = Field(0, ge=0)
     normalization: Literal["q99", "mean_std", "none"] = "q99"
-    image_orientation: ImageOrientation = Field(
-        "raw", description="orientation of the stored frames: raw LIBERO renders or already upright"
+    image_orientation: Literal["auto"] | ImageOrientation = Field(
+        "auto",
+        description="orientation of the stored frames (auto: as the dataset declares); training sees them upright",
     )
-    gripper: GripperConvention = Field(
-        "-1_open", description="gripper convention of the stored actions"
+    gripper: Literal["auto"] | GripperConvention = Field(
+        "auto",
+        description="gripper convention of the stored actions (auto: as the dataset declares)",
+    )
+    gripper_dim: int | None = Field(
+        -1,
+        description="action dimension of the gripper (None: no gripper); kept binary, not normalised",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     camera_dropout: float = Field(

@@ -1,0 +1,228 @@
+"""The training view: a torch Dataset over (episode, t) of any dataset vlatune reads.
+
+One sample (the batch contract; shapes per sample, a DataLoader adds the batch dimension):
+
+- `images`: {camera: float32 (3, S, S) in [0, 1]}, upright (the env convention);
+- `image_mask`: bool (n_cameras,), False for a camera dropped by camera dropout (its image is 0);
+- `state`: float32 (S,) normalised;
+- `actions`: float32 (H, A) normalised, the chunk a[t : t + H], padded past the episode end
+  by repeating the last action; `action_mask`: bool (H,), False on padding (no loss there);
+- `instruction`: str; `episode`, `frame`: int; plus annotation fields joined by (episode, frame).
+
+Conventions are converted here, once: frames are rotated when the dataset declares them raw,
+the gripper dimension is mapped to the env's (-1 open, +1 close), statistics come from the
+stats file (computed on the training episodes), the gripper dimension is not normalised.
+
+    >>> ds = FrameDataset.from_config("data/libero_object", cfg.data, stats, episodes=split["train"])
+    >>> sample = ds[0]; sample["actions"].shape   # (8, 7)
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlatune.conventions import gripper_to_env, to_upright
+from vlatune.data.episode import DataError, DatasetReader
+from vlatune.data.io import open_dataset
+from vlatune.data.transforms import ImageTransform, Normalizer
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    def __init__(
+        self,
+        path: str | Path,
+        action_normalizer: Normalizer,
+        state_normalizer: Normalizer | None,
+        cameras: Sequence[str],
+        image_size: int = 224,
+        horizon: int = 8,
+        episodes: Sequence[int] | None = None,
+        train: bool = True,
+        crop_area: float = 1.0,
+        jitter: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        camera_dropout: float = 0.0,
+        min_cameras: int = 1,
+        image_orientation: str = "auto",
+        gripper: str = "auto",
+        gripper_dim: int | None = -1,
+        annotations: Mapping[tuple[int, int], dict[str, Any]] | None = None,
+        format: str = "auto",
+        mapping: str | Path | None = None,
+        seed: int = 0,
+    ):
+        self.path, self.format, self.mapping = Path(path), format, mapping
+        self._reader: DatasetReader | None = None
+        reader = self.reader
+        info = reader.info
+        unknown = [c for c in cameras if c not in info.cameras]
+        if unknown:
+            raise DataError(
+                f"camera(s) {unknown} not in the dataset (cameras: {info.cameras})", file=self.path
+            )
+        self.cameras = list(cameras)
+        self.orientation = (
+            info.image_orientation if image_orientation == "auto" else image_orientation
+        )
+        self.gripper = info.gripper if gripper == "auto" else gripper
+        self.gripper_dim = gripper_dim
+        self.horizon = horizon
+        self.train = train
+        self.camera_dropout = camera_dropout if train else 0.0
+        self.min_cameras = min(min_cameras, len(self.cameras))
+        self.action_norm, self.state_norm = action_normalizer, state_normalizer
+        self.annotations = annotations or {}
+        self.seed = seed
+        self.episodes = list(range(len(reader))) if episodes is None else [int(e) for e in episodes]
+        lengths = np.array([reader.episode_length(e) for e in self.episodes], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(lengths)])
+        self._image = ImageTransform(
+            image_size,
+            crop_area=crop_area,
+            train=train,
+            brightness=jitter[0] if train else 0.0,
+            contrast=jitter[1] if train else 0.0,
+            saturation=jitter[2] if train else 0.0,
+        )
+        self._rng = np.random.default_rng(seed)
+        self._lowdim: OrderedDict[int, tuple[np.ndarray, np.ndarray | None, str]] = OrderedDict()
+
+    @classmethod
+    def from_config(
+        cls,
+        path,
+        data_cfg,
+        stats: dict[str, Any],
+        episodes=None,
+        train: bool = True,
+        annotations=None,
+        seed: int = 0,
+        mapping=None,
+    ) -> FrameDataset:
+        keep = [] if data_cfg.gripper_dim is None else [data_cfg.gripper_dim]
+        a_norm = Normalizer.from_stats(stats["action"], data_cfg.normalization, keep_dims=keep)
+        s_norm = (
+            Normalizer.from_stats(stats["state"], data_cfg.normalization)
+            if "state" in stats
+            else None
+        )
+        aug = data_cfg.augment
+        return cls(
+            path,
+            a_norm,
+            s_norm,
+            data_cfg.cameras,
+            image_size=data_cfg.image_size,
+            horizon=data_cfg.action_horizon,
+            episodes=episodes,
+            train=train,
+            crop_area=aug.crop_area if aug.enabled else 1.0,
+            jitter=(aug.brightness, aug.contrast, aug.saturation)
+            if aug.enabled
+            else (0.0, 0.0, 0.0),
+            camera_dropout=data_cfg.camera_dropout,
+            min_cameras=data_cfg.min_cameras,
+            image_orientation=data_cfg.image_orientation,
+            gripper=data_cfg.gripper,
+            gripper_dim=data_cfg.gripper_dim,
+            annotations=annotations,
+            format=data_cfg.format,
+            mapping=mapping,
+            seed=seed,
+        )
+
+    # a reader per process: h5py and PyAV handles must not cross a DataLoader worker fork
+    @property
+    def reader(self) -> DatasetReader:
+        if self._reader is None:
+            self._reader = open_dataset(self.path, format=self.format, mapping=self.mapping)
+        return self._reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_reader"] = None
+        state["_lowdim"] = OrderedDict()
+        return state
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, k: int) -> tuple[int, int]:
+        """Sample index -> (position in self.episodes, frame)."""
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        pos = int(np.searchsorted(self._starts, k, side="right") - 1)
+        return pos, int(k - self._starts[pos])
+
+    def _episode_lowdim(self, ep: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+        hit = self._lowdim.get(ep)
+        if hit is None:
+            e = self.reader.load_episode(ep, cameras=[])
+            actions = np.asarray(e.actions, np.float64).copy()
+            if self.gripper_dim is not None:
+                actions[:, self.gripper_dim] = gripper_to_env(
+                    actions[:, self.gripper_dim], self.gripper
+                )
+            hit = (actions, e.states, e.instruction)
+            self._lowdim[ep] = hit
+            if len(self._lowdim) > 4096:
+                self._lowdim.popitem(last=False)
+        return hit
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        pos, t = self.locate(k)
+        ep = self.episodes[pos]
+        actions, states, instruction = self._episode_lowdim(ep)
+        T = len(actions)
+        idx = np.arange(t, t + self.horizon)
+        mask = idx < T
+        chunk = actions[np.minimum(idx, T - 1)]
+        sample: dict[str, Any] = {
+            "actions": torch.from_numpy(self.action_norm(chunk)),
+            "action_mask": torch.from_numpy(mask),
+            "instruction": instruction,
+            "episode": ep,
+            "frame": t,
+        }
+        if states is not None and self.state_norm is not None:
+            sample["state"] = torch.from_numpy(self.state_norm(states[t]))
+        keep = self._camera_keep()
+        images, present = {}, []
+        for cam, on in zip(self.cameras, keep, strict=True):
+            if on:
+                frame = self.reader.read_frames(ep, cam, [t])[0]
+                if self.orientation == "raw":
+                    frame = to_upright(frame)
+                images[cam] = self._image(frame)
+            else:
+                images[cam] = torch.zeros(3, self._image.size, self._image.size)
+            present.append(bool(on))
+        sample["images"] = images
+        sample["image_mask"] = torch.tensor(present)
+        sample.update(self.annotations.get((ep, t), {}))
+        return sample
+
+    def _camera_keep(self) -> list[bool]:
+        n = len(self.cameras)
+        if self.camera_dropout <= 0:
+            return [True] * n
+        keep = self._rng.random(n) >= self.camera_dropout
+        if keep.sum() < self.min_cameras:  # restore random dropped cameras up to the minimum
+            dropped = np.flatnonzero(~keep)
+            self._rng.shuffle(dropped)
+            keep[dropped[: self.min_cameras - int(keep.sum())]] = True
+        return keep.tolist()
+
+
+def worker_init(worker_id: int) -> None:
+    """Give each DataLoader worker its own augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        ds = info.dataset
+        ds._rng = np.random.default_rng([ds.seed, worker_id, info.seed % (2**32)])
+        ds._image.rng = np.random.default_rng([ds.seed, worker_id, 1, info.seed % (2**32)])
