@@ -222,3 +222,38 @@ def test_convert_cli_reports_psnr(tmp_path):
     assert "agentview: PSNR" in r.output and " dB" in r.output
     r = run("data", "convert", src, tmp_path / "lr", "--to", "lerobot")
     assert r.exit_code == 1 and "already exists" in r.output
+
+
+# ---------------------------------------------------------------------------------- download
+def test_download_short_names():
+    from vlatune.data.download import resolve_name
+
+    assert (
+        resolve_name("libero_object")["repo_id"] == "IPEC-COMMUNITY/libero_object_no_noops_lerobot"
+    )
+    assert resolve_name("libero_long")["repo_id"] == "IPEC-COMMUNITY/libero_10_no_noops_lerobot"
+    raw = resolve_name("libero_spatial_raw")
+    assert raw["repo_id"] == "yifengzhu-hf/LIBERO-datasets" and raw["allow_patterns"] == [
+        "libero_spatial/*"
+    ]
+    assert resolve_name("me/my_robot_data")["repo_id"] == "me/my_robot_data"
+    with pytest.raises(Exception, match="unknown dataset name"):
+        resolve_name("bridge")
+
+
+def test_download_without_hub_is_one_clear_sentence(tmp_path):
+    from tests.conftest import run_cli
+
+    env = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
+    r = run_cli(
+        "data", "download", "libero_object_raw", "--out", str(tmp_path / "d"), env=env, timeout=120
+    )
+    assert r.returncode == 1
+    assert (
+        "could not download raw LIBERO HDF5 of libero_object from the Hugging Face Hub" in r.stderr
+    )
+    assert "Traceback" not in r.stderr

@@ -291,6 +291,23 @@ def data_convert(
         console.print(f"  {cam}: PSNR {text}")
 
 
+@data.command("download")
+@click.argument("name")
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Destination folder.",
+)
+def data_download(name: str, out_dir: Path) -> None:
+    """Download NAME (libero_<suite>, libero_<suite>_raw, or a repo id) from the Hugging Face Hub."""
+    from vlatune.data.download import download
+
+    path = download(name, out_dir)
+    console.print(f"downloaded to {path}")
+
+
 # ------------------------------------------------------------------------------------------- sim
 @cli.group()
 def sim() -> None:

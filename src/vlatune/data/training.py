@@ -2,7 +2,8 @@
 
 One sample (the batch contract; shapes per sample, a DataLoader adds the batch dimension):
 
-- `images`: {camera: float32 (3, S, S) in [0, 1]}, upright (the env convention);
+- `images`: {camera: uint8 (3, S, S)}, upright (the env convention); models divide by 255
+  per batch;
 - `image_mask`: bool (n_cameras,), False for a camera dropped by camera dropout (its image is 0);
 - `state`: float32 (S,) normalised;
 - `actions`: float32 (H, A) normalised, the chunk a[t : t + H], padded past the episode end
@@ -200,7 +201,7 @@ class FrameDataset(torch.utils.data.Dataset):
                     frame = to_upright(frame)
                 images[cam] = self._image(frame)
             else:
-                images[cam] = torch.zeros(3, self._image.size, self._image.size)
+                images[cam] = torch.zeros(3, self._image.size, self._image.size, dtype=torch.uint8)
             present.append(bool(on))
         sample["images"] = images
         sample["image_mask"] = torch.tensor(present)
@@ -226,3 +227,34 @@ def worker_init(worker_id: int) -> None:
         ds = info.dataset
         ds._rng = np.random.default_rng([ds.seed, worker_id, info.seed % (2**32)])
         ds._image.rng = np.random.default_rng([ds.seed, worker_id, 1, info.seed % (2**32)])
+
+
+def make_loader(
+    ds: FrameDataset,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    seed: int = 0,
+    drop_last: bool = False,
+):
+    """The DataLoader for a FrameDataset. Workers start through `forkserver`: a clean process
+    with no FFmpeg or HDF5 state forks them, so video decoding in the parent (evaluation,
+    statistics, a workers=0 run) can never deadlock them."""
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        kwargs = {
+            "multiprocessing_context": "forkserver",
+            "worker_init_fn": worker_init,
+            "persistent_workers": True,
+        }
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=gen,
+        drop_last=drop_last,
+        **kwargs,
+    )

@@ -4,7 +4,7 @@
   dimensions (the gripper) are left as they are. Tiny ranges are clamped so losses cannot
   diverge. Saved with every checkpoint: a mismatch between training and evaluation statistics
   is the first cause of "trains fine, evaluates at 0%" (openpi#406, #773, #839).
-- `ImageTransform`: uint8 (H, W, 3) -> float (3, S, S) in [0, 1]. Training: random crop keeping
+- `ImageTransform`: uint8 (H, W, 3) -> uint8 (3, S, S). Training: random crop keeping
   `crop_area` of the area (OFT: 0.9), then brightness/contrast/saturation jitter. Evaluation: the
   same crop, centred, no jitter, so both see objects at the same scale.
 
@@ -121,27 +121,36 @@ class ImageTransform:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
+        if self.train and (self.brightness or self.contrast or self.saturation):
+            image = self._jitter(image)
         pil = Image.fromarray(image)
         if self.crop_area < 1.0:
             pil = pil.crop(self.crop_box(h, w))
         if pil.size != (self.size, self.size):
             pil = pil.resize((self.size, self.size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        if self.train:
-            x = self._jitter(x)
-        return x
+        # uint8: the model converts whole batches to float (4x less to move between processes)
+        return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
-    def _jitter(self, x: torch.Tensor) -> torch.Tensor:
+    def _jitter(self, image: np.ndarray) -> np.ndarray:
+        """Brightness, contrast and saturation, composed into one affine colour map.
+
+        brightness x -> b x; contrast x -> c (x - m) + m (m: mean grey level); saturation
+        x -> s (x - g) + g (g: the pixel's grey level). All three are linear, so
+        x' = M x + o with M = c b (s I + (1 - s) 1 w^T) and o = (1 - c) b m, applied once on the
+        source frame (before resizing) and clipped once at the end.
+        """
+
         def factor(amount: float) -> float:
             return float(self.rng.uniform(1 - amount, 1 + amount)) if amount > 0 else 1.0
 
-        x = x * factor(self.brightness)
-        c = factor(self.contrast)
-        if c != 1.0:
-            mean = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).mean()
-            x = (x - mean) * c + mean
-        s = factor(self.saturation)
-        if s != 1.0:
-            gray = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).unsqueeze(0)
-            x = (x - gray) * s + gray
-        return x.clamp_(0.0, 1.0)
+        b, c, s = factor(self.brightness), factor(self.contrast), factor(self.saturation)
+        w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        x = image.reshape(-1, 3).astype(np.float32)
+        m = float((x @ w).mean())
+        M = (
+            c
+            * b
+            * (s * np.eye(3, dtype=np.float32) + (1 - s) * np.outer(np.ones(3, np.float32), w))
+        )
+        out = x @ M.T + (1 - c) * b * m
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)  # + 0.5: round

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 CODECS = {"h264": "libx264", "av1": "libsvtav1"}
 
@@ -105,17 +106,23 @@ def encode_video(
 class _ContainerCache:
     """Open containers per thread, most recently used kept (files stay open across samples)."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int = 256):
         self.size = size
         self.local = threading.local()
 
     def get(self, path: str) -> av.container.InputContainer:
+        # per process too: FFmpeg state inherited through fork (DataLoader workers) deadlocks
         cache: OrderedDict = getattr(self.local, "cache", None)
-        if cache is None:
+        if cache is None or getattr(self.local, "pid", None) != os.getpid():
             cache = self.local.cache = OrderedDict()
+            self.local.pid = os.getpid()
         c = cache.get(path)
         if c is None:
             c = cache[path] = av.open(path)
+            # single-threaded decoding: no FFmpeg threads alive when a DataLoader forks workers
+            # (their locks would deadlock the children); parallelism comes from worker processes
+            c.streams.video[0].thread_type = "NONE"
+            c.streams.video[0].codec_context.thread_count = 1
             if len(cache) > self.size:
                 _, old = cache.popitem(last=False)
                 old.close()
@@ -125,6 +132,16 @@ class _ContainerCache:
 
 
 _containers = _ContainerCache()
+_reformatters = threading.local()
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """yuv -> rgb24 with a reused reformatter (6x faster than frame.to_ndarray(format=...))."""
+    r = getattr(_reformatters, "r", None)
+    if r is None or getattr(_reformatters, "pid", None) != os.getpid():
+        r = _reformatters.r = VideoReformatter()
+        _reformatters.pid = os.getpid()
+    return r.reformat(frame, format="rgb24").to_ndarray()
 
 
 def decode_frames(
@@ -153,7 +170,7 @@ def decode_frames(
             continue
         k = int(round((float(frame.pts * stream.time_base) - offset_s) * fps))
         if k in wanted_set and k not in found:
-            found[k] = frame.to_ndarray(format="rgb24")
+            found[k] = _to_rgb(frame)
         if k >= targets[-1]:
             break
     missing = [k for k in targets if k not in found]

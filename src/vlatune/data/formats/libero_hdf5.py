@@ -87,6 +87,7 @@ class LiberoHDF5Reader(DatasetReader):
         if not files:
             raise DataError("no .hdf5 files found", file=self.path)
         self._files: dict[Path, h5py.File] = {}
+        self._ds_cache: dict[tuple[int, str], h5py.Dataset] = {}
         self._index: list[tuple[Path, str]] = []
         self._lengths: list[int] = []
         self._instr: dict[Path, str] = {}
@@ -223,19 +224,29 @@ class LiberoHDF5Reader(DatasetReader):
     def _cam_key(self, camera: str) -> str:
         return CAMERA_KEYS.get(camera, f"{camera}_rgb")
 
+    def _camera_ds(self, i: int, camera: str) -> h5py.Dataset:
+        ds = self._ds_cache.get((i, camera))  # h5py group lookups cost more than the read
+        if ds is None:
+            key = f"obs/{self._cam_key(camera)}"
+            demo = self._demo(i)
+            if key not in demo:
+                fp, name = self._index[i]
+                raise DataError("missing camera dataset", file=fp, episode=name, key=key)
+            ds = self._ds_cache[(i, camera)] = demo[key]
+        return ds
+
     def read_frames(self, i: int, camera: str, frames: Sequence[int]) -> np.ndarray:
-        key = f"obs/{self._cam_key(camera)}"
-        demo = self._demo(i)
-        if key not in demo:
-            fp, name = self._index[i]
-            raise DataError("missing camera dataset", file=fp, episode=name, key=key)
+        ds = self._camera_ds(i, camera)
         idx = [int(j) for j in frames]
         if len(idx) == 1:
-            return demo[key][idx[0]][None]
+            out = np.empty((1, *ds.shape[1:]), dtype=ds.dtype)
+            ds.read_direct(out, np.s_[idx[0] : idx[0] + 1])
+            return out
         uniq, inv = np.unique(idx, return_inverse=True)  # h5py wants increasing unique indices
-        return demo[key][uniq.tolist()][inv]
+        return ds[uniq.tolist()][inv]
 
     def close(self) -> None:
+        self._ds_cache.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()
