@@ -141,7 +141,7 @@ class LiberoEnv:
         """The dummy steps peers run after set_init_state so objects come to rest."""
         obs = None
         for _ in range(steps):
-            obs, _, _, _ = self.step(SETTLE_ACTION)
+            obs, _, _ = self.step(SETTLE_ACTION)
         return obs if obs is not None else self.observation(self.last_raw)
 
     def reset(self, init_index: int) -> dict[str, Any]:
