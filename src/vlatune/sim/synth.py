@@ -1,0 +1,167 @@
+"""`vlatune sim synth`: scripted demonstrations recorded as LIBERO HDF5.
+
+For each task, the expert runs with rendering off (physics speed, about 5 s an episode) on
+init states `first_init, first_init + 1, ...` until `episodes` succeed; each successful action
+sequence is then replayed from the same init state with cameras on and recorded, and kept only
+if the replay succeeds too. Files follow LIBERO's layout and attributes, raw orientation (the
+renders as they come out of MuJoCo) and the env gripper convention, one `<task>_demo.hdf5` per
+task. Episodes start after the 10 settle steps, as evaluation episodes do.
+
+    >>> report = synthesize("libero_object", [0], episodes=10, out="data/synth", resolution=128)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlatune.conventions import NUM_INIT_STATES, quat2axisangle
+from vlatune.data.episode import DataError, Episode
+from vlatune.data.formats.libero_hdf5 import LiberoHDF5Writer
+from vlatune.sim.env import LiberoEnv
+from vlatune.sim.expert import ExpertParams, run_expert_episode
+
+
+def _robot_states(raw: dict[str, Any]) -> np.ndarray:
+    # LIBERO's robot_states: gripper qpos (2), eef pos (3), eef quat (4)
+    return np.concatenate(
+        [raw["robot0_gripper_qpos"], raw["robot0_eef_pos"], raw["robot0_eef_quat"]]
+    )
+
+
+def record_replay(env: LiberoEnv, init_index: int, actions: np.ndarray) -> tuple[bool, Episode]:
+    """Replay `actions` from init state `init_index` (after settling), recording every frame."""
+    env.reset(init_index)
+    cams = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}
+    frames: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
+    ee, grip, joints, sim_states, robot_states = [], [], [], [], []
+    success = False
+    for a in actions:
+        raw = env.last_raw
+        for c in env.cameras:
+            frames[c].append(raw[cams[c]].copy())  # raw orientation, as LIBERO stores it
+        ee.append(np.concatenate([raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"])]))
+        grip.append(np.asarray(raw["robot0_gripper_qpos"], dtype=np.float64))
+        joints.append(np.asarray(raw["robot0_joint_pos"], dtype=np.float64))
+        sim_states.append(env.sim.sim.get_state().flatten())
+        robot_states.append(_robot_states(raw))
+        _, success, _ = env.step(a)
+    T = len(actions)
+    rewards = np.zeros(T, dtype=np.uint8)
+    rewards[-1] = int(success)
+    state8 = np.concatenate([np.asarray(ee), np.asarray(grip)], axis=1).astype(np.float32)
+    ep = Episode(
+        actions=np.asarray(actions, dtype=np.float64),
+        instruction=env.instruction,
+        states=state8,
+        images={c: np.stack(v) for c, v in frames.items()},
+        extras={
+            "states": np.asarray(sim_states),
+            "robot_states": np.asarray(robot_states),
+            "rewards": rewards,
+            "dones": rewards.copy(),
+            "obs/joint_states": np.asarray(joints),
+        },
+        meta={
+            "task_name": env.task.name,
+            "init_state": env.init_states[init_index % len(env.init_states)].tolist(),
+            "init_index": init_index,
+        },
+    )
+    return success, ep
+
+
+def synthesize(
+    suite: str,
+    tasks: Sequence[int],
+    episodes: int,
+    out: str | Path,
+    resolution: int = 128,
+    first_init: int = 0,
+    params: ExpertParams | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Write `episodes` successful scripted demonstrations per task to `out` (LIBERO HDF5)."""
+    out = Path(out)
+    if out.exists():
+        raise DataError(
+            "destination already exists; choose a new folder (nothing was written)", file=out
+        )
+    if not 0 < episodes <= NUM_INIT_STATES:
+        raise ValueError(f"episodes per task must be in 1..{NUM_INIT_STATES}, got {episodes}")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    report: dict[str, Any] = {"suite": suite, "resolution": resolution, "tasks": {}}
+    t_start = time.perf_counter()
+    try:
+        writer = None
+        for task_id in tasks:
+            fast = LiberoEnv(suite, task_id, render=False)
+            cam = LiberoEnv(suite, task_id, resolution=resolution, render=True)
+            if writer is None:
+                writer = LiberoHDF5Writer(tmp, image_orientation="raw")
+            task = fast.task
+            writer.file_attrs[task.name] = {
+                "problem_info": {
+                    "problem_name": fast.sim.__class__.__name__.lower(),
+                    "domain_name": "robosuite",
+                    "language_instruction": task.bddl_instruction,
+                },
+                "bddl_file_name": f"{task.suite}/{task.bddl_file.name}",
+                "bddl_file_content": task.bddl_file.read_text(),
+                "env_args": {
+                    "type": 1,
+                    "env_name": fast.sim.__class__.__name__,
+                    "bddl_file": task.bddl_file.name,
+                    "suite": task.suite,
+                },
+            }
+            kept, tried, replay_failed, steps = [], 0, 0, []
+            init = first_init
+            try:
+                while len(kept) < episodes and init < first_init + NUM_INIT_STATES:
+                    tried += 1
+                    ok, actions, n = run_expert_episode(fast, init, params=params)
+                    if ok:
+                        ok2, ep = record_replay(cam, init, actions)
+                        if ok2:
+                            writer.add(ep)
+                            kept.append(init)
+                            steps.append(n)
+                        else:
+                            replay_failed += 1
+                    if progress is not None:
+                        progress(
+                            f"{suite} task {task_id}: {len(kept)}/{episodes} kept, {tried} tried"
+                        )
+                    init += 1
+            finally:
+                fast.close()
+                cam.close()
+            report["tasks"][task.name] = {
+                "task_id": task_id,
+                "instruction": task.instruction,
+                "kept": len(kept),
+                "tried": tried,
+                "expert_success_rate": (len(kept) + replay_failed) / tried if tried else 0.0,
+                "replay_failed": replay_failed,
+                "init_indices": kept,
+                "mean_steps": float(np.mean(steps)) if steps else None,
+            }
+        if writer is not None:
+            writer.close()
+        report["episodes"] = sum(t["kept"] for t in report["tasks"].values())
+        report["seconds"] = round(time.perf_counter() - t_start, 1)
+        (tmp / "synth_report.json").write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
