@@ -31,3 +31,8 @@ def run_cli(
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# A folder the eval test policies (tests/eval_policies.py) use for their crash markers. Set at
+# import, before any forkserver starts, so worker processes inherit it.
+os.environ.setdefault("VLATUNE_TEST_TMP", __import__("tempfile").mkdtemp(prefix="vlatune-test-"))

@@ -410,6 +410,150 @@ def _parse_ints(text: str) -> list[int]:
         ) from None
 
 
+# ------------------------------------------------------------------------------------------ eval
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected i/n such as 0/4, got '{text}'") from None
+    return i, n
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--policy", help="scripted, replay:DATASET, or package.module:factory.")
+@click.option("--suite", default="libero_object", show_default=True)
+@click.option("--tasks", default=None, help="Comma-separated task indices (default: all).")
+@click.option(
+    "--trials",
+    default=50,
+    show_default=True,
+    type=int,
+    help="Trials per task; trial k uses init state k % 50.",
+)
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Worker processes (1: in this process).",
+)
+@click.option(
+    "--video", type=click.Choice(["failures", "all", "none"]), default="failures", show_default=True
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=Path("outputs/eval"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option(
+    "--max-steps",
+    default=None,
+    type=int,
+    help="Policy steps per episode (default: the suite's standard).",
+)
+@click.option(
+    "--replan",
+    default=8,
+    show_default=True,
+    type=int,
+    help="Actions executed from each chunk before re-querying.",
+)
+@click.option("--resolution", default=256, show_default=True, type=int, help="Camera resolution.")
+@click.option(
+    "--shard",
+    default="0/1",
+    show_default=True,
+    help="Run shard i of n (combine with `vlatune eval merge`).",
+)
+@click.option(
+    "--first-init",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Trial k uses init state (first-init + k) % 50.",
+)
+@click.pass_context
+def eval(
+    ctx: click.Context,
+    policy,
+    suite,
+    tasks,
+    trials,
+    seed,
+    workers,
+    video,
+    out_dir,
+    max_steps,
+    replan,
+    resolution,
+    shard,
+    first_init,
+) -> None:  # noqa: A001
+    """Evaluate a policy on LIBERO: success rates with 95% intervals, videos, CSV (resumable)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not policy:
+        raise click.UsageError(
+            "--policy is required (scripted, replay:DATASET or package.module:factory)"
+        )
+    from vlatune.eval.runner import EvalSpec, evaluate
+
+    spec = EvalSpec(
+        policy=policy,
+        suite=suite,
+        out=out_dir,
+        tasks=_parse_ints(tasks) if tasks else None,
+        trials=trials,
+        seed=seed,
+        workers=workers,
+        video=video,
+        max_steps=max_steps,
+        replan=replan,
+        resolution=resolution,
+        shard=_parse_shard(shard),
+        first_init=first_init,
+    )
+
+    def show(result, done, total) -> None:
+        outcome = "error" if result["error"] else ("success" if result["success"] else "failure")
+        console.print(f"[{done}/{total}] {result['id']}: {outcome} ({result['steps']} steps)")
+
+    summary = evaluate(spec, progress=show)
+    _print_summary(summary, out_dir)
+
+
+def _print_summary(summary, out_dir: Path) -> None:
+    table = Table("task", "trials", "success", "95% CI", "errors")
+    for r in [*summary["tasks"], summary["overall"]]:
+        rate = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.1f}%"
+        table.add_row(
+            r["name"],
+            str(r["trials"]),
+            rate,
+            f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]",
+            str(r["errors"]),
+        )
+    console.print(table)
+    console.print(
+        f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'success_rates.png'}"
+    )
+
+
+@eval.command("merge")
+@click.argument(
+    "dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+def eval_merge(dirs: tuple[Path, ...], out_dir: Path) -> None:
+    """Combine the output folders of `--shard i/n` runs into one."""
+    from vlatune.eval.runner import merge
+
+    _print_summary(merge(list(dirs), out_dir), out_dir)
+
+
 def main() -> None:
     cli(prog_name="vlatune")
 

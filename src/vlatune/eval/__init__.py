@@ -1,0 +1,1 @@
+"""Evaluation: the LIBERO runner, built-in policies, results with Wilson intervals."""
