@@ -401,6 +401,32 @@ def sim_synth(
     console.print(f"wrote {report['episodes']} episodes to {out_dir} in {report['seconds']:.0f} s")
 
 
+@sim.command("regenerate")
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--suite", required=True, help="The suite the demos belong to (libero_object, ...).")
+@click.option("--resolution", default=256, show_default=True, type=int)
+@click.option(
+    "--workers", default=1, show_default=True, type=int, help="Files processed in parallel."
+)
+def sim_regenerate(src: Path, dst: Path, suite: str, resolution: int, workers: int) -> None:
+    """Replay raw LIBERO demos at a new resolution, drop no-ops and failed replays (resumable)."""
+    from vlatune.sim.regenerate import regenerate
+
+    with console.status("regenerating...") as status:
+        summary = regenerate(
+            src, dst, suite, resolution, workers, progress=lambda t: status.update(f"done: {t}")
+        )
+    table = Table("task", "demos", "kept", "no-ops dropped")
+    for task, row in summary.items():
+        table.add_row(task, str(row["demos"]), str(row["kept"]), str(row["dropped_noops"]))
+    console.print(table)
+    for task, row in summary.items():
+        if row["warning"]:
+            err_console.print(f"[yellow]warning[/]: {task}: {row['warning']}")
+    console.print(f"wrote {dst}")
+
+
 def _parse_ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

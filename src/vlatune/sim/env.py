@@ -131,9 +131,12 @@ class LiberoEnv:
 
     def restore(self, init_index: int) -> dict[str, Any]:
         """Reset and set fixed initial state `init_index % N` (no settle steps)."""
+        return self.restore_state(self.init_states[init_index % len(self.init_states)])
+
+    def restore_state(self, state: np.ndarray) -> dict[str, Any]:
+        """Reset and set a flattened MuJoCo state (a demo's `init_state`), no settle steps."""
         self._env.reset()
-        state = self.init_states[init_index % len(self.init_states)]
-        raw = self._env.set_init_state(state)
+        raw = self._env.set_init_state(np.asarray(state, dtype=np.float64))
         self.last_raw = raw
         return self.observation(raw)
 

@@ -37,6 +37,7 @@ class ExpertParams:
         0.03  # release with the object's bottom this far above the target's top
     )
     release_steps: int = 20
+    release_rise: float = 0.002
     tolerance: float = 0.008
     phase_timeout: int = 80
 
@@ -141,7 +142,9 @@ class ScriptedExpert:
             goal, gripper = np.array([target[0], target[1], z]), GRIPPER_CLOSE_ENV
             done = np.linalg.norm(goal - eef) < 1.5 * p.tolerance
         elif self.phase == "release":
-            goal, gripper = eef.copy(), GRIPPER_OPEN_ENV
+            # rise 1 mm a step while opening: a still robot would make these steps no-ops, which
+            # regeneration (and OFT-style training data) drops, and the release would never happen
+            goal, gripper = eef + np.array([0.0, 0.0, p.release_rise]), GRIPPER_OPEN_ENV
             done = self.t_phase >= p.release_steps
         else:  # done: move up and away, gripper open
             goal, gripper, done = eef + np.array([0, 0, 0.05]), GRIPPER_OPEN_ENV, False

@@ -36,9 +36,18 @@ def _robot_states(raw: dict[str, Any]) -> np.ndarray:
     )
 
 
-def record_replay(env: LiberoEnv, init_index: int, actions: np.ndarray) -> tuple[bool, Episode]:
-    """Replay `actions` from init state `init_index` (after settling), recording every frame."""
-    env.reset(init_index)
+def record_replay(
+    env: LiberoEnv, init, actions: np.ndarray, init_is_state: bool = False
+) -> tuple[bool, Episode]:
+    """Replay `actions` from init state `init` (an index, or with `init_is_state` a flattened
+    MuJoCo state) after the settle steps, recording every frame."""
+    if init_is_state:
+        env.restore_state(init)
+        env.settle()
+        init_state = np.asarray(init, dtype=np.float64)
+    else:
+        env.reset(init)
+        init_state = env.init_states[init % len(env.init_states)]
     cams = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}
     frames: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
     ee, grip, joints, sim_states, robot_states = [], [], [], [], []
@@ -71,8 +80,8 @@ def record_replay(env: LiberoEnv, init_index: int, actions: np.ndarray) -> tuple
         },
         meta={
             "task_name": env.task.name,
-            "init_state": env.init_states[init_index % len(env.init_states)].tolist(),
-            "init_index": init_index,
+            "init_state": init_state.tolist(),
+            **({} if init_is_state else {"init_index": init}),
         },
     )
     return success, ep
