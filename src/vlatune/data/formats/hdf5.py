@@ -33,6 +33,7 @@ from pydantic import Field, ValidationError
 from vlatune.config.schema import Strict
 from vlatune.conventions import GripperConvention, ImageOrientation
 from vlatune.data.episode import DataError, DatasetInfo, DatasetReader, Episode, FeatureSpec
+from vlatune.data.formats._h5 import H5Files
 
 FORMAT = "hdf5"
 MAPPING_FILE = "vlatune_mapping.yaml"
@@ -112,7 +113,7 @@ class HDF5Reader(DatasetReader):
         )
         if not files:
             raise DataError(f"no files matching '{self.mapping.file_glob}'", file=self.path)
-        self._files: dict[Path, h5py.File] = {}
+        self._h5 = H5Files()
         self._index: list[tuple[Path, str]] = []  # (file, group path; "" = the whole file)
         for fp in files:
             f = self._open(fp)
@@ -127,13 +128,7 @@ class HDF5Reader(DatasetReader):
         self._info = self._build_info()
 
     def _open(self, fp: Path) -> h5py.File:
-        f = self._files.get(fp)
-        if f is None:
-            try:
-                f = self._files[fp] = h5py.File(fp, "r")
-            except OSError as e:
-                raise DataError(f"cannot open as HDF5 ({e})", file=fp) from None
-        return f
+        return self._h5.open(fp)
 
     def _group(self, i: int) -> h5py.Group:
         fp, g = self._index[i]
@@ -217,13 +212,17 @@ class HDF5Reader(DatasetReader):
     def _image(self, ds: h5py.Dataset, t: int) -> np.ndarray:
         return decode_image_bytes(ds[t]) if self._encoded(ds) else ds[t]
 
-    def read_frames(self, i: int, camera: str, frames: Sequence[int]) -> np.ndarray:
+    def _camera_key(self, camera: str) -> str:
         key = self.mapping.cameras.get(camera)
         if key is None:
             raise DataError(
                 f"no camera '{camera}' in the mapping (cameras: {sorted(self.mapping.cameras)})",
                 file=self.path,
             )
+        return key
+
+    def read_frames(self, i: int, camera: str, frames: Sequence[int]) -> np.ndarray:
+        key = self._camera_key(camera)
         ds = self._ds(i, key)
         idx = [int(j) for j in frames]
         if self._encoded(ds):
@@ -239,12 +238,7 @@ class HDF5Reader(DatasetReader):
 
     def _all_frames(self, i: int, camera: str) -> np.ndarray:
         """Every stored frame (its count may differ from the actions': `data check` says so)."""
-        key = self.mapping.cameras.get(camera)
-        if key is None:
-            raise DataError(
-                f"no camera '{camera}' in the mapping (cameras: {sorted(self.mapping.cameras)})",
-                file=self.path,
-            )
+        key = self._camera_key(camera)
         ds = self._ds(i, key)
         return self.read_frames(i, camera, range(ds.shape[0])) if self._encoded(ds) else ds[()]
 
@@ -268,6 +262,4 @@ class HDF5Reader(DatasetReader):
         )
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self._h5.close()

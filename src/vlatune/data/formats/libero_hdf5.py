@@ -30,6 +30,7 @@ import h5py
 import numpy as np
 
 from vlatune.data.episode import DataError, DatasetInfo, DatasetReader, Episode, FeatureSpec
+from vlatune.data.formats._h5 import H5Files
 
 FORMAT = "libero_hdf5"
 CAMERA_KEYS = {"agentview": "agentview_rgb", "wrist": "eye_in_hand_rgb"}
@@ -86,7 +87,7 @@ class LiberoHDF5Reader(DatasetReader):
         files = [self.path] if self.path.is_file() else sorted(self.path.glob("*.hdf5"))
         if not files:
             raise DataError("no .hdf5 files found", file=self.path)
-        self._files: dict[Path, h5py.File] = {}
+        self._h5 = H5Files()
         self._ds_cache: dict[tuple[int, str], h5py.Dataset] = {}
         self._index: list[tuple[Path, str]] = []
         self._lengths: list[int] = []
@@ -130,13 +131,7 @@ class LiberoHDF5Reader(DatasetReader):
         )
 
     def _open(self, fp: Path) -> h5py.File:
-        f = self._files.get(fp)
-        if f is None:
-            try:
-                f = self._files[fp] = h5py.File(fp, "r")
-            except OSError as e:
-                raise DataError(f"cannot open as HDF5 ({e})", file=fp) from None
-        return f
+        return self._h5.open(fp)
 
     def _demo(self, i: int) -> h5py.Group:
         fp, name = self._index[i]
@@ -247,9 +242,7 @@ class LiberoHDF5Reader(DatasetReader):
 
     def close(self) -> None:
         self._ds_cache.clear()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self._h5.close()
 
 
 def _camera_keys(obs: h5py.Group) -> dict[str, str]:
