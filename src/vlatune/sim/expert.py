@@ -39,11 +39,20 @@ class ExpertParams:
     release_steps: int = 20
     release_rise: float = 0.002
     tolerance: float = 0.008
+    max_grip_width: float = 0.075  # wider objects are grasped by their rim
+    rim_inset: float = 0.008  # rim grasp: this far inside the object's outer edge
+    rim_depth: float = 0.02  # rim grasp: this far below the top
     phase_timeout: int = 80
 
 
 def object_z_extent(sim_env, name: str) -> tuple[float, float]:
-    """World z range (bottom, top) of an object's collision geoms (group 0)."""
+    """World z range (bottom, top) of an object's collision geoms."""
+    lo, hi = object_extent(sim_env, name)
+    return float(lo[2]), float(hi[2])
+
+
+def object_extent(sim_env, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """World axis-aligned box (low xyz, high xyz) of an object's collision geoms."""
     obj = sim_env.objects_dict.get(name) or sim_env.fixtures_dict.get(name)
     if obj is None:
         raise UnsupportedTask(f"object '{name}' not found in the scene")
@@ -57,15 +66,14 @@ def object_z_extent(sim_env, name: str) -> tuple[float, float]:
         if b != root or m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0:
             continue
         half = m.geom_aabb[g][3:]
-        center_local = m.geom_aabb[g][:3]
         R = d.geom_xmat[g].reshape(3, 3)
-        cz = d.geom_xpos[g][2] + R[2] @ center_local
-        ext = np.abs(R[2]) @ half
-        lows.append(cz - ext)
-        highs.append(cz + ext)
+        center = d.geom_xpos[g] + R @ m.geom_aabb[g][:3]
+        ext = np.abs(R) @ half
+        lows.append(center - ext)
+        highs.append(center + ext)
     if not lows:
         raise UnsupportedTask(f"object '{name}' has no collision geometry")
-    return float(min(lows)), float(max(highs))
+    return np.min(lows, axis=0), np.max(highs, axis=0)
 
 
 class ScriptedExpert:
@@ -102,20 +110,32 @@ class ScriptedExpert:
         p = self.p
         obj = self._pos(self.obj)
         if self._grasp_offset is None:
-            bottom, top = object_z_extent(self.env.sim, self.obj)
+            lo, hi = object_extent(self.env.sim, self.obj)
+            bottom, top = float(lo[2]), float(hi[2])
             height = top - bottom
             grasp_z = (
                 max(top - p.grasp_depth, bottom + 0.5 * height)
                 if height > 2 * p.grasp_depth
                 else bottom + 0.5 * height
             )
+            # fingers close along world y (the hand points down, rotated 180 degrees about x);
+            # an object wider than the opening (a bowl) is pinched by its wall on the -y side
+            self._xy_offset = np.zeros(2)
+            half_y = 0.5 * float(hi[1] - lo[1])
+            if (
+                min(hi[0] - lo[0], hi[1] - lo[1]) > p.max_grip_width
+            ):  # round and wide, not a rotated box
+                center = 0.5 * (lo[:2] + hi[:2])
+                self._xy_offset = center - obj[:2] + np.array([0.0, -(half_y - p.rim_inset)])
+                grasp_z = top - p.rim_depth
             self._grasp_offset = grasp_z - obj[2]  # relative to the object's origin, which moves
             self._bottom_offset = bottom - obj[2]
             self._obj_height = height
             t_bottom, t_top = object_z_extent(self.env.sim, self.target)
             self._target_top_offset = t_top - self._pos(self.target)[2]
-        grasp = obj + np.array([0.0, 0.0, self._grasp_offset])
-        target = self._pos(self.target)
+        grasp = obj + np.array([*self._xy_offset, self._grasp_offset])
+        # carry so the object's origin, not the grasp point, ends above the target's
+        target = self._pos(self.target) + np.array([*self._xy_offset, 0.0])
         target_top = target[2] + self._target_top_offset
         # the eef sits this far above the held object's bottom
         hold = self._grasp_offset - self._bottom_offset
