@@ -52,7 +52,14 @@ def step_split(steps: int) -> list[dict]:
             t_policy += t1 - t0
             t_step += t2 - t1
         env.close()
-        rows.append({"render": render, "resolution": res, "step_s": t_step / steps, "policy_s": t_policy / steps})
+        rows.append(
+            {
+                "render": render,
+                "resolution": res,
+                "step_s": t_step / steps,
+                "policy_s": t_policy / steps,
+            }
+        )
     return rows
 
 
@@ -72,7 +79,10 @@ def episodes_per_hour(workers: int, resolution: int, episodes: int) -> dict:
         t0 = time.perf_counter()
         summary = evaluate(spec)
         wall = time.perf_counter() - t0
-        steps = [json.loads(line)["steps"] for line in (Path(tmp) / "episodes.jsonl").read_text().splitlines()]
+        steps = [
+            json.loads(line)["steps"]
+            for line in (Path(tmp) / "episodes.jsonl").read_text().splitlines()
+        ]
     return {
         "workers": workers,
         "resolution": resolution,
@@ -88,20 +98,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--episodes", type=int, default=4)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json")
+    ap.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "eval_throughput.json"
+    )
     args = ap.parse_args()
     split = step_split(args.steps)
     physics = split[0]["step_s"]
     for r in split:
         r["render_s"] = max(0.0, r["step_s"] - physics) if r["render"] else 0.0
         label = f"{r['resolution']} px" if r["render"] else "no render"
-        print(f"{label:<10} step {1000 * r['step_s']:7.1f} ms (physics {1000 * physics:.1f}, rendering {1000 * r['render_s']:.1f}, policy {1000 * r['policy_s']:.2f})", flush=True)
+        print(
+            f"{label:<10} step {1000 * r['step_s']:7.1f} ms (physics {1000 * physics:.1f}, rendering {1000 * r['render_s']:.1f}, policy {1000 * r['policy_s']:.2f})",
+            flush=True,
+        )
     runs = []
     for res in (128, 256):
         for workers in (1, 2):
             row = episodes_per_hour(workers, res, args.episodes)
             runs.append(row)
-            print(f"{res} px, workers={workers}: {row['episodes_per_hour']:.0f} episodes/h, {row['env_steps_per_s']:.1f} env steps/s", flush=True)
+            print(
+                f"{res} px, workers={workers}: {row['episodes_per_hour']:.0f} episodes/h, {row['env_steps_per_s']:.1f} env steps/s",
+                flush=True,
+            )
     result = {
         "benchmark": "eval_throughput",
         "machine": {"cpus": os.cpu_count(), "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},

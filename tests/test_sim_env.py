@@ -99,3 +99,15 @@ def test_expert_succeeds_and_synth_records_replayable_upright_consistent_demos(t
         if success:
             break
     assert success
+
+
+def test_expert_grasps_a_bowl_by_its_rim():
+    from vlatune.sim.env import LiberoEnv
+    from vlatune.sim.expert import run_expert_episode
+
+    env = LiberoEnv("libero_spatial", 0, render=False)
+    try:
+        ok, _, steps = run_expert_episode(env, 0)
+    finally:
+        env.close()
+    assert ok and steps < env.max_steps
