@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from vlatune.conventions import NUM_INIT_STATES, quat2axisangle
+from vlatune.conventions import NUM_INIT_STATES, libero_state
 from vlatune.data.episode import DataError, Episode
 from vlatune.data.formats.libero_hdf5 import LiberoHDF5Writer
 from vlatune.sim.env import LiberoEnv
@@ -50,14 +50,13 @@ def record_replay(
         init_state = env.init_states[init % len(env.init_states)]
     cams = {"agentview": "agentview_image", "wrist": "robot0_eye_in_hand_image"}
     frames: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
-    ee, grip, joints, sim_states, robot_states = [], [], [], [], []
+    states8, joints, sim_states, robot_states = [], [], [], []
     success = False
     for a in actions:
         raw = env.last_raw
         for c in env.cameras:
             frames[c].append(raw[cams[c]].copy())  # raw orientation, as LIBERO stores it
-        ee.append(np.concatenate([raw["robot0_eef_pos"], quat2axisangle(raw["robot0_eef_quat"])]))
-        grip.append(np.asarray(raw["robot0_gripper_qpos"], dtype=np.float64))
+        states8.append(libero_state(raw))  # the one definition of the 8-d state
         joints.append(np.asarray(raw["robot0_joint_pos"], dtype=np.float64))
         sim_states.append(env.sim.sim.get_state().flatten())
         robot_states.append(_robot_states(raw))
@@ -65,11 +64,10 @@ def record_replay(
     T = len(actions)
     rewards = np.zeros(T, dtype=np.uint8)
     rewards[-1] = int(success)
-    state8 = np.concatenate([np.asarray(ee), np.asarray(grip)], axis=1).astype(np.float32)
     ep = Episode(
         actions=np.asarray(actions, dtype=np.float64),
         instruction=env.instruction,
-        states=state8,
+        states=np.asarray(states8, dtype=np.float32),
         images={c: np.stack(v) for c, v in frames.items()},
         extras={
             "states": np.asarray(sim_states),
