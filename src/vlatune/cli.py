@@ -580,6 +580,46 @@ def eval_merge(dirs: tuple[Path, ...], out_dir: Path) -> None:
     _print_summary(merge(list(dirs), out_dir), out_dir)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
+def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Train a policy: CONFIG.yaml plus dotted overrides (data.path=DIR train.max_steps=100).
+
+    Multi-GPU: `accelerate launch -m vlatune train CONFIG ...`. `train.resume=auto` (default)
+    continues from the latest complete checkpoint in train.output_dir.
+    """
+    import logging
+
+    from vlatune.train.trainer import train as run_training
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(config_file, list(overrides))
+    summary = run_training(cfg, progress=not no_progress)
+    console.print(
+        f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s"
+        f"{' (stopped by train.max_minutes)' if summary['stopped_by_time'] else ''}; "
+        f"checkpoint: {summary['checkpoint']}"
+    )
+
+
+@cli.group()
+def runs() -> None:
+    """Look at training runs."""
+
+
+@runs.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path))
+def runs_plot(run_dir: Path, out_dir: Path | None) -> None:
+    """Write loss and learning-rate curves (PNG) from RUN_DIR/metrics.jsonl."""
+    from vlatune.train.plots import plot_run
+
+    for path in plot_run(run_dir, out_dir or run_dir):
+        console.print(str(path))
+
+
 def main() -> None:
     cli(prog_name="vlatune")
 

@@ -65,6 +65,9 @@ class DataConfig(Strict):
     )
     min_cameras: int = Field(1, ge=1, description="never drop below this many cameras")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    cache_images: bool = Field(
+        False, description="keep decoded frames in memory after first use (small datasets)"
+    )
 
     @field_validator("cameras")
     @classmethod
@@ -81,6 +84,54 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+class TinyConfig(Strict):
+    """The from-scratch CPU backbone: a conv net per camera, hashed word embeddings, a
+    transformer over image, word, state and query tokens."""
+
+    dim: int = Field(128, gt=0)
+    layers: int = Field(3, gt=0)
+    heads: int = Field(4, gt=0)
+    tokens_per_side: int = Field(4, gt=0, description="image tokens per camera: this squared")
+    film: bool = Field(False, description="FiLM the image features on the instruction")
+    vocab: int = Field(4096, gt=0, description="hashed word buckets")
+    max_words: int = Field(24, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class HeadConfig(Strict):
+    """Settings of the action heads (each head reads the ones it needs)."""
+
+    mlp_dim: int = Field(256, gt=0, description="l1: MLP-ResNet width")
+    mlp_blocks: int = Field(2, gt=0)
+    expert: Literal["joint", "cross_attention"] = Field(
+        "cross_attention",
+        description="diffusion / flow: action tokens attend jointly with the context (pi0-style "
+        "action expert) or through cross-attention (DiT / GR00T-style)",
+    )
+    expert_dim: int = Field(128, gt=0)
+    expert_layers: int = Field(2, gt=0)
+    train_steps: int = Field(100, gt=0, description="diffusion: training timesteps (OFT: 50)")
+    inference_steps: int = Field(10, gt=0, description="diffusion: sampling steps")
+    sampler: Literal["ddim", "dpm++"] = "ddim"
+    flow_steps: int = Field(10, gt=0, description="flow: Euler steps (pi0 10, GR00T 4)")
+
+
+class EnergyConfig(Strict):
+    """OFT-style energy model E(context, action chunk), trained with in-batch InfoNCE."""
+
+    enabled: bool = False
+    hidden: int = Field(256, gt=0)
+    tau: float = Field(1.0, gt=0.0)
+    lr: float = Field(5e-4, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    weight: float = Field(1.0, ge=0.0)
+    correction_alpha: float = Field(
+        0.0, ge=0.0, description="inference: a <- a - alpha * grad_a E (0: off)"
+    )
+    correction_steps: int = Field(1, gt=0)
+    correction_max_step: float = Field(0.1, gt=0.0, description="clip of each correction step")
+
+
 class PolicyConfig(Strict):
     backbone: Literal["tiny", "hf-vlm", "rdt"] = "tiny"
     model_id: str | None = Field(
@@ -91,6 +142,9 @@ class PolicyConfig(Strict):
     use_proprio: bool = True
     lora: LoraConfig | None = None
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze")
+    tiny: TinyConfig = Field(default_factory=TinyConfig)
+    heads: HeadConfig = Field(default_factory=HeadConfig)
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
 
     @model_validator(mode="after")
     def _tokens_need_tokenizer(self) -> PolicyConfig:
@@ -126,6 +180,11 @@ class TrainConfig(Strict):
     keep_last: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     val_every: int | None = Field(None, gt=0)
+    val_batches: int = Field(20, gt=0, description="validation batches per evaluation at most")
+    val_max_seconds: float = Field(60.0, gt=0.0, description="wall-time limit of one validation")
+    trackers: list[Literal["wandb", "tensorboard", "trackio"]] = Field(
+        default_factory=list, description="besides metrics.jsonl, through accelerate"
+    )
     resume: str = Field("auto", description="'auto', 'never', or a checkpoint folder")
 
 

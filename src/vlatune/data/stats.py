@@ -136,12 +136,17 @@ def episode_stats(
 
 
 def dataset_stats(
-    reader: DatasetReader, images: bool = False, image_frames_per_episode: int = 20, progress=None
+    reader: DatasetReader,
+    images: bool = False,
+    image_frames_per_episode: int = 20,
+    progress=None,
+    episodes=None,
 ) -> dict[str, dict[str, Any]]:
-    """Statistics of every low-dim feature (and, with `images`, of each camera) of a dataset."""
+    """Statistics of every low-dim feature (and, with `images`, of each camera) of a dataset,
+    over all episodes or the given ones (training statistics come from training episodes)."""
     acc = StatsAccumulator()
     cams = reader.info.cameras if images else []
-    for i in range(len(reader)):
+    for i in range(len(reader)) if episodes is None else episodes:
         ep = reader.load_episode(i, cameras=[])
         acc.update("action", ep.actions)
         if ep.states is not None:

@@ -56,8 +56,11 @@ class FrameDataset(torch.utils.data.Dataset):
         format: str = "auto",
         mapping: str | Path | None = None,
         seed: int = 0,
+        cache_images: bool = False,
     ):
         self.path, self.format, self.mapping = Path(path), format, mapping
+        self.cache_images = cache_images
+        self._frames: dict[tuple[int, str], np.ndarray] = {}
         self._reader: DatasetReader | None = None
         reader = self.reader
         info = reader.info
@@ -104,14 +107,17 @@ class FrameDataset(torch.utils.data.Dataset):
         annotations=None,
         seed: int = 0,
         mapping=None,
+        action_norm: Normalizer | None = None,
+        state_norm: Normalizer | None = None,
     ) -> FrameDataset:
+        """Normalisers come from `stats`, or are given (a policy's, when resuming)."""
         keep = [] if data_cfg.gripper_dim is None else [data_cfg.gripper_dim]
-        a_norm = Normalizer.from_stats(stats["action"], data_cfg.normalization, keep_dims=keep)
-        s_norm = (
-            Normalizer.from_stats(stats["state"], data_cfg.normalization)
-            if "state" in stats
-            else None
+        a_norm = action_norm or Normalizer.from_stats(
+            stats["action"], data_cfg.normalization, keep_dims=keep
         )
+        s_norm = state_norm
+        if s_norm is None and "state" in stats:
+            s_norm = Normalizer.from_stats(stats["state"], data_cfg.normalization)
         aug = data_cfg.augment
         return cls(
             path,
@@ -135,6 +141,7 @@ class FrameDataset(torch.utils.data.Dataset):
             format=data_cfg.format,
             mapping=mapping,
             seed=seed,
+            cache_images=data_cfg.cache_images,
         )
 
     # a reader per process: h5py and PyAV handles must not cross a DataLoader worker fork
@@ -148,10 +155,26 @@ class FrameDataset(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_reader"] = None
         state["_lowdim"] = OrderedDict()
+        state["_frames"] = {}
         return state
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def episode_frames(self, ep: int, cam: str, t: int) -> np.ndarray:
+        """Frame t of a camera, upright; from memory when `cache_images` is on."""
+        if not self.cache_images:
+            frame = self.reader.read_frames(ep, cam, [t])[0]
+            return to_upright(frame) if self.orientation == "raw" else frame
+        key = (ep, cam)
+        frames = self._frames.get(key)
+        if frames is None:  # decode the whole episode once, sequentially (fast for video)
+            T = self.reader.episode_length(ep)
+            frames = self.reader.read_frames(ep, cam, list(range(T)))
+            if self.orientation == "raw":
+                frames = np.ascontiguousarray(to_upright(frames))
+            self._frames[key] = frames
+        return frames[t]
 
     def locate(self, k: int) -> tuple[int, int]:
         """Sample index -> (position in self.episodes, frame)."""
@@ -176,6 +199,14 @@ class FrameDataset(torch.utils.data.Dataset):
         return hit
 
     def __getitem__(self, k: int) -> dict[str, Any]:
+        """Sample k % len(self). Augmentation (crop, jitter, camera dropout) is drawn from a
+        generator seeded by (seed, k), so a sampler that numbers epochs (k = epoch * len + i)
+        gets fresh augmentation each epoch, identical across worker counts and resumes."""
+        draw = int(k)
+        k = draw % len(self)
+        if self.train:
+            self._rng = np.random.default_rng([self.seed, draw])
+            self._image.rng = self._rng
         pos, t = self.locate(k)
         ep = self.episodes[pos]
         actions, states, instruction = self._episode_lowdim(ep)
@@ -196,10 +227,7 @@ class FrameDataset(torch.utils.data.Dataset):
         images, present = {}, []
         for cam, on in zip(self.cameras, keep, strict=True):
             if on:
-                frame = self.reader.read_frames(ep, cam, [t])[0]
-                if self.orientation == "raw":
-                    frame = to_upright(frame)
-                images[cam] = self._image(frame)
+                images[cam] = self._image(self.episode_frames(ep, cam, t))
             else:
                 images[cam] = torch.zeros(3, self._image.size, self._image.size, dtype=torch.uint8)
             present.append(bool(on))

@@ -6,6 +6,7 @@ episode runs), is `reset` at the start of each episode with the episode's contex
 (`vlatune.keys`: upright images, 8-d state, instruction).
 
 Specs:
+- a folder: a trained policy (`Policy.save` folder, or a training `checkpoint-<step>/`);
 - `scripted`: the privileged pick-and-place expert (`vlatune.sim.expert`), for checking the
   runner and making demonstrations; it reads the simulator, so it is not a learned policy;
 - `replay:DATASET`: replays the recorded actions of the demo whose initial state matches the
@@ -155,6 +156,10 @@ def load_policy(spec: str) -> Policy:
         return ScriptedPolicy()
     if spec.startswith("replay:"):
         return ReplayPolicy(spec[len("replay:") :])
+    if Path(spec).is_dir():
+        from vlatune.policies import VLAPolicy
+
+        return VLAPolicy.from_pretrained(spec)
     if ":" in spec and not Path(spec).exists():
         module, _, attr = spec.partition(":")
         try:
@@ -163,8 +168,8 @@ def load_policy(spec: str) -> Policy:
             raise ValueError(f"policy '{spec}': cannot import {attr} from {module} ({e})") from None
         return factory()
     raise ValueError(
-        f"unknown policy '{spec}': use 'scripted', 'replay:DATASET' or 'package.module:factory' "
-        "(checkpoint folders arrive with the Policies issue)"
+        f"unknown policy '{spec}': use a policy or checkpoint folder, 'scripted', "
+        "'replay:DATASET' or 'package.module:factory'"
     )
 
 

@@ -243,6 +243,9 @@ def evaluate(
 
     policy = load_policy(spec.policy)
     check_conventions(policy)
+    declared = policy.conventions.get("cameras")
+    if declared:  # render only what the policy reads (rendering dominates the cost)
+        spec.cameras = tuple(declared)
     description = policy.describe()
     settings = json.loads(json.dumps(spec.settings()))  # as it reads back from run.json
     meta = {

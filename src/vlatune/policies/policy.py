@@ -1,0 +1,323 @@
+"""A policy = backbone + action head (+ energy model), with its normaliser and conventions.
+
+Built from a run config and the training data's statistics; trained through `forward(batch)`
+(the batch contract of `vlatune.data.training`); saved as a folder:
+
+    model.safetensors      weights
+    config.json            policy config, input spec (cameras, image size and crop, horizon,
+                           state and action dims) and the declared conventions
+    normalization.json     the action / state normalisers fitted on the training episodes
+
+`predict(obs)` takes one observation (or a list) in the env convention (`vlatune.keys`: upright
+uint8 images, 8-d state, instruction) and returns the chunk (H, action_dim) (or (B, H, A)) in
+env units: statistics undone, gripper as -1 (open) / +1 (close). The same object is what
+`vlatune eval` runs (`needs_images`, `conventions`, `reset`, `describe`).
+
+    >>> policy = VLAPolicy.from_pretrained("runs/demo/checkpoint-2000/policy")
+    >>> chunk = policy.predict({"images": {...}, "state": s, "instruction": "pick up ..."})
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlatune.config.schema import PolicyConfig
+from vlatune.data.transforms import ImageTransform, Normalizer
+from vlatune.fsutil import atomic_dir
+from vlatune.policies.energy import EnergyModel, infonce
+from vlatune.policies.heads import HEADS
+from vlatune.policies.tiny import TinyBackbone
+
+FORMAT = "vlatune-policy/1"
+
+
+def input_spec(data_cfg, action_dim: int, state_dim: int | None) -> dict[str, Any]:
+    """What the policy's inputs look like, from the data config it was trained with."""
+    aug = data_cfg.augment
+    return {
+        "cameras": list(data_cfg.cameras),
+        "image_size": data_cfg.image_size,
+        "crop_area": aug.crop_area if aug.enabled else 1.0,
+        "horizon": data_cfg.action_horizon,
+        "action_dim": action_dim,
+        "state_dim": state_dim,
+        "gripper_dim": data_cfg.gripper_dim,
+    }
+
+
+def declared_conventions(spec: dict[str, Any]) -> dict[str, Any]:
+    """Training data is converted to these on load (vlatune.data.training), so they are fixed."""
+    return {
+        "image_orientation": "upright",
+        "gripper": "-1_open",
+        "state": "libero_8d" if spec["state_dim"] == 8 else f"custom_{spec['state_dim']}d",
+        "action_dim": spec["action_dim"],
+        "action_horizon": spec["horizon"],
+        "cameras": spec["cameras"],
+        "normalization_stats": True,
+    }
+
+
+class VLAPolicy(nn.Module):
+    needs_images = True
+
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        spec: dict[str, Any],
+        action_norm: Normalizer,
+        state_norm: Normalizer | None = None,
+    ):
+        super().__init__()
+        if cfg.backbone != "tiny":
+            raise ValueError(
+                f"policy.backbone '{cfg.backbone}' is not available yet in this version; use 'tiny'"
+            )
+        if cfg.head not in HEADS:
+            raise ValueError(
+                f"policy.head '{cfg.head}' is not available yet; choose one of {sorted(HEADS)}"
+            )
+        self.cfg, self.spec = cfg, dict(spec)
+        self.action_norm, self.state_norm = action_norm, state_norm
+        state_dim = spec["state_dim"] if cfg.use_proprio else None
+        self.backbone = TinyBackbone(cfg.tiny, spec["cameras"], spec["image_size"], state_dim)
+        H, A = spec["horizon"], spec["action_dim"]
+        self.head = HEADS[cfg.head](cfg.heads, self.backbone.dim, H, A)
+        self.energy = (
+            EnergyModel(cfg.energy.hidden, self.backbone.dim, H, A) if cfg.energy.enabled else None
+        )
+        self._image = ImageTransform(spec["image_size"], crop_area=spec["crop_area"], train=False)
+        self.source: str | None = None
+        self.apply_freeze(cfg.freeze)
+
+    # ------------------------------------------------------------------ training
+    def apply_freeze(self, patterns: Sequence[str]) -> None:
+        if not patterns:
+            return
+        hit = False
+        for name, p in self.named_parameters():
+            if any(fnmatch.fnmatch(name, pat) for pat in patterns):
+                p.requires_grad_(False)
+                hit = True
+        if not hit:
+            raise ValueError(f"policy.freeze {list(patterns)} matches no parameter name")
+
+    def param_groups(self, lr: float, weight_decay: float, energy_lr: float) -> list[dict]:
+        """AdamW groups: no weight decay on norms, biases and embeddings; the energy model apart."""
+        decay, no_decay, energy = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("energy."):
+                energy.append(p)
+            elif p.ndim < 2 or "norm" in name or "embed" in name or name.endswith("_pos"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"name": "main", "params": decay, "lr": lr, "weight_decay": weight_decay},
+            {"name": "main_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+        if energy:
+            groups.append(
+                {"name": "energy", "params": energy, "lr": energy_lr, "weight_decay": 0.0}
+            )
+        return [g for g in groups if g["params"]]
+
+    def encode(self, batch: dict[str, Any]):
+        images = batch["images"]
+        B = next(iter(images.values())).shape[0]
+        mask = batch.get("image_mask")
+        if mask is None:
+            mask = torch.ones(B, len(self.spec["cameras"]), dtype=torch.bool)
+        return self.backbone(
+            images,
+            mask,
+            batch.get("state") if self.cfg.use_proprio else None,
+            batch["instruction"],
+            self.head.queries(B),
+        )
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Losses of one batch: {'loss': total, and each term}."""
+        out = self.encode(batch)
+        actions = batch["actions"].float()
+        mask = batch.get("action_mask")
+        if mask is None:
+            mask = torch.ones(actions.shape[:2], dtype=torch.bool, device=actions.device)
+        loss, metrics = self.head.loss(out, actions, mask)
+        metrics = {"action_loss": loss.detach(), **metrics}
+        if self.energy is not None:
+            e_loss, e_metrics = infonce(
+                self.energy.pairwise(out.pooled.detach(), actions), self.cfg.energy.tau
+            )
+            loss = loss + self.cfg.energy.weight * e_loss
+            metrics.update(energy_loss=e_loss.detach(), **e_metrics)
+        metrics["loss"] = loss
+        return metrics
+
+    # ------------------------------------------------------------------ inference
+    def _prepare(self, observations: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        device = next(self.parameters()).device
+        images = {}
+        for cam in self.spec["cameras"]:
+            frames = []
+            for o in observations:
+                if cam not in o["images"]:
+                    raise KeyError(
+                        f"observation lacks camera '{cam}' (has {sorted(o['images'])}); "
+                        f"the policy was trained on {self.spec['cameras']}"
+                    )
+                frames.append(self._image(np.asarray(o["images"][cam], dtype=np.uint8)))
+            images[cam] = torch.stack(frames).to(device)
+        batch: dict[str, Any] = {
+            "images": images,
+            "instruction": [str(o["instruction"]) for o in observations],
+        }
+        if self.cfg.use_proprio and self.state_norm is not None:
+            states = np.stack([np.asarray(o["state"], np.float64) for o in observations])
+            if states.shape[1] != self.spec["state_dim"]:
+                raise ValueError(
+                    f"observation state has {states.shape[1]} dims, the policy expects "
+                    f"{self.spec['state_dim']}"
+                )
+            batch["state"] = torch.from_numpy(self.state_norm(states)).to(device)
+        return batch
+
+    @torch.no_grad()
+    def predict_normalized(self, observations: Sequence[dict[str, Any]]) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            batch = self._prepare(observations)
+            out = self.encode(batch)
+            chunk = self.head.sample(out)
+            e = self.cfg.energy
+            if self.energy is not None and e.correction_alpha > 0:
+                chunk = self.energy.correct(
+                    out.pooled, chunk, e.correction_alpha, e.correction_steps, e.correction_max_step
+                )
+        finally:
+            self.train(was_training)
+        return chunk
+
+    def predict(self, obs: dict[str, Any] | Sequence[dict[str, Any]]) -> np.ndarray:
+        single = isinstance(obs, dict)
+        observations = [obs] if single else list(obs)
+        chunk = self.predict_normalized(observations).float().cpu().numpy()
+        if self.action_norm.mode == "q99":  # training targets were clipped to [-1, 1]
+            chunk = np.clip(chunk, -1.0, 1.0)
+        actions = self.action_norm.inverse(chunk)
+        g = self.spec.get("gripper_dim")
+        if g is not None:
+            actions[..., g] = np.where(chunk[..., g] > 0, 1.0, -1.0)
+        return actions[0] if single else actions
+
+    # the `vlatune eval` policy interface
+    @property
+    def conventions(self) -> dict[str, Any]:
+        return declared_conventions(self.spec)
+
+    def reset(self, ctx) -> None:  # stateless between queries
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        d = {
+            "policy": "vlatune",
+            "backbone": self.cfg.backbone,
+            "head": self.cfg.head,
+            "spec": self.spec,
+        }
+        if self.source:
+            d["path"] = self.source
+            d["weights_sha256"] = _sha256(Path(self.source) / "model.safetensors")
+        return d
+
+    # ------------------------------------------------------------------ save / load
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
+            config = {
+                "format": FORMAT,
+                "policy": self.cfg.model_dump(mode="json"),
+                "spec": self.spec,
+                "conventions": self.conventions,
+            }
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            norm = {"action": self.action_norm.to_json()}
+            if self.state_norm is not None:
+                norm["state"] = self.state_norm.to_json()
+            (tmp / "normalization.json").write_text(json.dumps(norm, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> VLAPolicy:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if (path / "policy" / "config.json").is_file():  # a training checkpoint folder
+            path = path / "policy"
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{path}: not a vlatune policy folder (no config.json)")
+        config = json.loads(cfg_file.read_text())
+        if config.get("format") != FORMAT:
+            raise ValueError(
+                f"{cfg_file}: format {config.get('format')!r}, this vlatune reads {FORMAT!r}"
+            )
+        norm_file = path / "normalization.json"
+        if not norm_file.is_file():
+            raise FileNotFoundError(
+                f"{path}: normalization.json is missing; the policy cannot undo its action "
+                "normalisation without the training statistics"
+            )
+        norm = json.loads(norm_file.read_text())
+        policy = cls(
+            PolicyConfig.model_validate(config["policy"]),
+            config["spec"],
+            Normalizer.from_json(norm["action"]),
+            Normalizer.from_json(norm["state"]) if "state" in norm else None,
+        )
+        state = load_file(path / "model.safetensors", device=device)
+        missing, unexpected = policy.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path / 'model.safetensors'}: weights do not match the config "
+                f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+            )
+        policy.source = str(path.resolve())
+        return policy.to(device).eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def build_policy(cfg, stats: dict[str, Any]) -> VLAPolicy:
+    """A fresh policy for a run config (`vlatune.config.Config`) and training statistics."""
+    d = cfg.data
+    keep = [] if d.gripper_dim is None else [d.gripper_dim]
+    a_norm = Normalizer.from_stats(stats["action"], d.normalization, keep_dims=keep)
+    s_norm = Normalizer.from_stats(stats["state"], d.normalization) if "state" in stats else None
+    action_dim = len(a_norm.low)
+    state_dim = len(s_norm.low) if s_norm is not None else None
+    if cfg.policy.use_proprio and state_dim is None:
+        raise ValueError("policy.use_proprio is true but the dataset has no state")
+    return VLAPolicy(cfg.policy, input_spec(d, action_dim, state_dim), a_norm, s_norm)

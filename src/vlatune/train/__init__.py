@@ -1,0 +1,1 @@
+"""Training: the accelerate-based loop, checkpoints with exact resume, schedules, metrics."""

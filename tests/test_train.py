@@ -1,0 +1,155 @@
+"""Trainer: schedules, the step sampler, exact resume after SIGKILL, checkpoints, errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.data_fixtures import make_libero_hdf5
+from vlatune.train import checkpoint as ckpt
+from vlatune.train.sampler import StepBatchSampler
+from vlatune.train.schedules import lr_multiplier
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo" / "tiny.yaml"
+
+
+def test_schedules():
+    f = lr_multiplier("cosine", max_steps=1000, warmup_steps=100)
+    assert f(0) == pytest.approx(0.01) and f(99) == pytest.approx(1.0)
+    assert f(550) == pytest.approx(0.5) and f(1000) == pytest.approx(0.0)
+    m = lr_multiplier("multistep", 10, decay_steps=[5, 8], decay_factor=0.1)
+    assert [m(4), m(5), m(8)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
+    lin = lr_multiplier("linear", 10)
+    assert lin(5) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_multiplier("exp", 10)
+
+
+def test_step_sampler_shards_and_resumes():
+    a = StepBatchSampler(10, 3, seed=1, rank=0, world=2, stop=5)
+    b = StepBatchSampler(10, 3, seed=1, rank=1, world=2, stop=5)
+    ba, bb = list(a), list(b)
+    # the first 10 positions of the stream (epoch 0) are a permutation shared out between ranks
+    epoch0 = sorted(i for batch in (ba[0], bb[0], ba[1]) for i in batch if i < 10)
+    assert len(set(epoch0)) == len(epoch0)
+    assert not set(ba[0]) & set(bb[0])
+    # epochs are numbered into the index (so augmentation differs per epoch)
+    assert max(i for batch in ba + bb for i in batch) >= 10
+    resumed = StepBatchSampler(10, 3, seed=1, rank=0, world=2, start=2, stop=5)
+    assert list(resumed) == ba[2:]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_libero_hdf5(tmp_path_factory.mktemp("train") / "data", demos=4, T=16, res=64)
+
+
+def _train(run: Path, data: Path, *extra: str, fault: str | None = None):
+    env = dict(os.environ)
+    env.pop("VLATUNE_FAULT", None)
+    if fault:
+        env["VLATUNE_FAULT"] = fault
+    args = [
+        sys.executable, "-m", "vlatune", "train", str(CONFIG), "--no-progress",
+        f"data.path={data}", "data.format=auto", "data.image_size=64", "data.batch_size=4", "data.camera_dropout=0.3",
+        "policy.tiny.dropout=0.1", "policy.tiny.dim=32", "policy.energy.enabled=true",
+        "policy.heads.mlp_dim=32", f"train.output_dir={run}", "train.max_steps=8",
+        "train.save_every=4", "train.log_every=2", "train.keep_last=5", *extra,
+    ]  # fmt: skip
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "policy" / "model.safetensors")
+
+
+def test_exact_resume_after_sigkill(tmp_path, dataset):
+    straight = _train(tmp_path / "straight", dataset)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = _train(tmp_path / "resumed", dataset, fault="after_checkpoint:4")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "resumed" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "resumed" / "checkpoint-8").exists()
+    resumed = _train(tmp_path / "resumed", dataset)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a = _weights(tmp_path / "straight" / "checkpoint-8")
+    b = _weights(tmp_path / "resumed" / "checkpoint-8")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the optimizer moments too, and the metrics log has no duplicated steps
+    oa = torch.load(tmp_path / "straight/checkpoint-8/optimizer.pt", weights_only=True)
+    ob = torch.load(tmp_path / "resumed/checkpoint-8/optimizer.pt", weights_only=True)
+    for k, st in oa["state"].items():
+        assert torch.equal(st["exp_avg"], ob["state"][k]["exp_avg"])
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
+    ]
+    train_steps = [
+        json.loads(x) for x in (tmp_path / "resumed/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in train_steps if "loss" in r] == [2, 4, 6, 8], steps
+    # two parameter groups with their own lr: the energy model's is logged
+    assert "lr_energy" in train_steps[-1] and "energy_pos" in train_steps[-1]
+
+
+def test_checkpoint_killed_mid_write_is_never_used(tmp_path, dataset, caplog):
+    run = tmp_path / "run"
+    killed = _train(
+        run, dataset, "train.max_steps=4", "train.save_every=2", fault="during_checkpoint:4"
+    )
+    assert killed.returncode == -9
+    assert (run / ".checkpoint-4.tmp").is_dir() and not (run / "checkpoint-4").exists()
+    # a corrupt later checkpoint is skipped with a warning
+    bad = run / "checkpoint-6"
+    (bad / "policy").mkdir(parents=True)
+    (bad / "trainer_state.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="vlatune.train"):
+        path, state = ckpt.find_latest(run)
+    assert path.name == "checkpoint-2" and state["step"] == 2
+    assert "ignoring checkpoint" in caplog.text and "checkpoint-6" in caplog.text
+    import shutil
+
+    shutil.rmtree(bad)
+    resumed = _train(run, dataset, "train.max_steps=4", "train.save_every=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    assert (run / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (run / ".checkpoint-4.tmp").exists()
+
+
+def test_train_errors_are_clear(tmp_path):
+    from tests.conftest import run_cli
+
+    r = run_cli("train", str(CONFIG), f"train.output_dir={tmp_path}/r")
+    assert r.returncode == 1 and "data.path is not set" in r.stderr
+    r = run_cli(
+        "train", str(CONFIG), f"data.path={tmp_path}/nope", f"train.output_dir={tmp_path}/r"
+    )
+    assert r.returncode == 1 and "does not exist" in r.stderr
+    r = run_cli("train", str(CONFIG), "optim.lrr=1")
+    assert r.returncode == 1 and "optim.lr" in r.stderr
+
+
+def test_runs_plot(tmp_path, dataset):
+    from tests.conftest import run_cli
+
+    r = _train(tmp_path / "run", dataset, "train.max_steps=4", "train.val_every=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in row for row in rows)
+    out = run_cli("runs", "plot", str(tmp_path / "run"))
+    assert out.returncode == 0, out.stderr
+    for name in ("loss.png", "lr.png"):
+        png = tmp_path / "run" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
