@@ -10,7 +10,7 @@ setup:
 	@scripts/setup.sh
 
 demo: setup
-	$(BIN)/vlatune sim check
+	$(BIN)/vlatune demo
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -153,3 +153,37 @@ def test_runs_plot(tmp_path, dataset):
     for name in ("loss.png", "lr.png"):
         png = tmp_path / "run" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path, dataset):
+    """accelerate launch --cpu --num_processes 2: different data per rank, averaged gradients
+    (identical parameters), only the main process writes."""
+    import shutil
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    assert accelerate, "accelerate's launcher is installed with the package"
+    run = tmp_path / "ddp"
+    args = [
+        accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlatune", "train", str(CONFIG),
+        "--no-progress", f"data.path={dataset}", "data.format=auto", "data.image_size=64",
+        "data.batch_size=4", "policy.tiny.dim=32", "policy.heads.mlp_dim=32",
+        f"train.output_dir={run}", "train.max_steps=4", "train.save_every=2", "train.log_every=1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "VLATUNE_FAULT"}
+    r = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["processes"] == 2
+    a, b = summary["first_batch_per_process"]
+    assert not set(a) & set(b)  # each rank its own samples
+    c0, c1 = summary["param_checksum_per_process"]
+    assert c0 == c1  # gradients averaged: the ranks stay identical
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (run / "checkpoint-4").glob("rng_rank*.json")) == [
+        "rng_rank0.json",
+        "rng_rank1.json",
+    ]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # one writer, no duplicates

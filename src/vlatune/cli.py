@@ -604,6 +604,44 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
     )
 
 
+@cli.command()
+@click.option("--suite", default="libero_object", show_default=True)
+@click.option("--task", "task_id", default=0, show_default=True, type=int)
+@click.option("--episodes", default=40, show_default=True, type=int, help="Demonstrations.")
+@click.option("--minutes", default=10.0, show_default=True, type=float, help="Training time.")
+@click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
+@click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
+@click.option(
+    "--out",
+    "out_dir",
+    default=Path("outputs/demo"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option("--config", "config_file", default=None, type=click.Path(exists=True, path_type=Path))
+@click.argument("overrides", nargs=-1)
+def demo(suite, task_id, episodes, minutes, trials, workers, out_dir, config_file, overrides):
+    """Record demos, convert to LeRobot, train a tiny policy, evaluate it on held-out init
+    states and write OUT/report.html: the whole pipeline on a CPU."""
+    import logging
+
+    from vlatune.demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_demo(
+        out_dir,
+        suite=suite,
+        task=task_id,
+        episodes=episodes,
+        minutes=minutes,
+        trials=trials,
+        workers=workers,
+        config=config_file,
+        overrides=list(overrides),
+        say=console.print,
+    )
+
+
 @cli.group()
 def runs() -> None:
     """Look at training runs."""

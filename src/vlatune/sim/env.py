@@ -140,6 +140,16 @@ class LiberoEnv:
         self.last_raw = raw
         return self.observation(raw)
 
+    def sample_init_state(self, seed: int) -> np.ndarray:
+        """A new initial state: the task's BDDL placement regions sampled with `seed` (how LIBERO
+        made its 50 fixed states). Demonstrations from sampled states leave all 50 benchmark
+        states held out for evaluation."""
+        self._env.seed(seed)
+        self._env.reset()
+        state = np.asarray(self.sim.sim.get_state().flatten(), dtype=np.float64)
+        self._env.seed(self.seed)
+        return state
+
     def settle(self, steps: int = NUM_STEPS_WAIT) -> dict[str, Any]:
         """The dummy steps peers run after set_init_state so objects come to rest."""
         obs = None

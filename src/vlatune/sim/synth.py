@@ -25,7 +25,7 @@ import numpy as np
 from vlatune.conventions import NUM_INIT_STATES, libero_state
 from vlatune.data.episode import DataError, Episode
 from vlatune.data.formats.libero_hdf5 import LiberoHDF5Writer
-from vlatune.sim.env import LiberoEnv
+from vlatune.sim.env import LiberoEnv, get_task
 from vlatune.sim.expert import ExpertParams, run_expert_episode
 
 
@@ -37,10 +37,11 @@ def _robot_states(raw: dict[str, Any]) -> np.ndarray:
 
 
 def record_replay(
-    env: LiberoEnv, init, actions: np.ndarray, init_is_state: bool = False
+    env: LiberoEnv, init, actions: np.ndarray | None, init_is_state: bool = False, params=None
 ) -> tuple[bool, Episode]:
     """Replay `actions` from init state `init` (an index, or with `init_is_state` a flattened
-    MuJoCo state) after the settle steps, recording every frame."""
+    MuJoCo state) after the settle steps, recording every frame. With `actions=None` the
+    scripted expert acts (and is recorded) directly, until success or the suite's step limit."""
     if init_is_state:
         env.restore_state(init)
         env.settle()
@@ -52,7 +53,16 @@ def record_replay(
     frames: dict[str, list[np.ndarray]] = {c: [] for c in env.cameras}
     states8, joints, sim_states, robot_states = [], [], [], []
     success = False
-    for a in actions:
+    if actions is None:
+        from vlatune.sim.expert import ScriptedExpert
+
+        expert = ScriptedExpert(env, params)
+        source = (expert.act() for _ in range(env.max_steps))
+    else:
+        source = iter(actions)
+    taken = []
+    for a in source:
+        taken.append(a)
         raw = env.last_raw
         for c in env.cameras:
             frames[c].append(raw[cams[c]].copy())  # raw orientation, as LIBERO stores it
@@ -61,6 +71,9 @@ def record_replay(
         sim_states.append(env.sim.sim.get_state().flatten())
         robot_states.append(_robot_states(raw))
         _, success, _ = env.step(a)
+        if success and actions is None:
+            break
+    actions = np.asarray(taken)
     T = len(actions)
     rewards = np.zeros(T, dtype=np.uint8)
     rewards[-1] = int(success)
@@ -166,6 +179,131 @@ def synthesize(
             writer.close()
         report["episodes"] = sum(t["kept"] for t in report["tasks"].values())
         report["seconds"] = round(time.perf_counter() - t_start, 1)
+        (tmp / "synth_report.json").write_text(json.dumps(report, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+_WORKER_ENVS: dict[tuple, LiberoEnv] = {}  # per worker process: environments are slow to build
+
+
+def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
+    """In a worker process: record the expert from the sampled initial state of each seed."""
+    suite, task_id, seeds, resolution, cameras, params = job
+    key = (suite, task_id, resolution, cameras)
+    if key not in _WORKER_ENVS:
+        _WORKER_ENVS[key] = LiberoEnv(
+            suite, task_id, resolution=resolution, cameras=cameras, render=True
+        )
+    env = _WORKER_ENVS[key]
+    out = []
+    for seed in seeds:
+        state = env.sample_init_state(seed)
+        ok, ep = record_replay(env, state, None, init_is_state=True, params=params)
+        ep.meta["init_seed"] = seed
+        out.append((seed, ok, ep if ok else None))
+    return out
+
+
+def synthesize_sampled(
+    suite: str,
+    task_id: int,
+    episodes: int,
+    out: str | Path,
+    resolution: int = 128,
+    cameras: Sequence[str] = ("agentview", "wrist"),
+    workers: int = 2,
+    seed: int = 0,
+    params: ExpertParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """`episodes` successful expert demonstrations of one task from *sampled* initial states
+    (seeds seed*10000 + k), recorded directly while the expert acts, in `workers` processes.
+    None of LIBERO's 50 fixed init states is used, so all of them stay held out for evaluation.
+    Each demo stores its initial MuJoCo state (`init_state`) and seed."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    out = Path(out)
+    if out.exists():
+        raise DataError(
+            "destination already exists; choose a new folder (nothing was written)", file=out
+        )
+    if episodes < 1:
+        raise ValueError(f"episodes must be at least 1, got {episodes}")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    t_start = time.perf_counter()
+    kept: list[tuple[int, Episode]] = []
+    tried, next_seed = 0, seed * 10_000
+    workers = max(1, workers)
+    ctx = mp.get_context("forkserver")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            while len(kept) < episodes and tried < 3 * episodes + 10:
+                need = episodes - len(kept)
+                batch = list(range(next_seed, next_seed + need + (need + 9) // 10))
+                next_seed += len(batch)
+                per = [batch[w::workers] for w in range(workers) if batch[w::workers]]
+                # one job per seed keeps the workers busy until the end
+                jobs = [
+                    (suite, task_id, [s], resolution, tuple(cameras), params)
+                    for chunk in per
+                    for s in chunk
+                ]
+                for result in pool.map(_sampled_worker, jobs):
+                    for s, ok, ep in result:
+                        tried += 1
+                        if ok and len(kept) < episodes:
+                            kept.append((s, ep))
+                        if progress is not None:
+                            progress(len(kept), tried)
+        kept.sort(key=lambda x: x[0])
+        env_probe = get_task(suite, task_id)
+        writer = LiberoHDF5Writer(tmp, image_orientation="raw")
+        writer.file_attrs[env_probe.name] = {
+            "problem_info": {
+                "problem_name": "libero_tabletop_manipulation",
+                "domain_name": "robosuite",
+                "language_instruction": env_probe.bddl_instruction,
+            },
+            "bddl_file_name": f"{env_probe.suite}/{env_probe.bddl_file.name}",
+            "bddl_file_content": env_probe.bddl_file.read_text(),
+            "env_args": {
+                "type": 1,
+                "bddl_file": env_probe.bddl_file.name,
+                "suite": env_probe.suite,
+            },
+        }
+        for _, ep in kept:
+            writer.add(ep)
+        writer.close()
+        report = {
+            "suite": suite,
+            "resolution": resolution,
+            "cameras": list(cameras),
+            "init": "sampled",
+            "tasks": {
+                env_probe.name: {
+                    "task_id": task_id,
+                    "instruction": env_probe.instruction,
+                    "kept": len(kept),
+                    "tried": tried,
+                    "expert_success_rate": len(kept) / tried if tried else 0.0,
+                    "init_seeds": [s for s, _ in kept],
+                    "mean_steps": float(np.mean([ep.length for _, ep in kept])) if kept else None,
+                }
+            },
+            "episodes": len(kept),
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+        if not kept:
+            raise DataError(
+                f"the scripted expert solved none of {tried} sampled initial states", file=out
+            )
         (tmp / "synth_report.json").write_text(json.dumps(report, indent=2))
         os.replace(tmp, out)
     except BaseException:

@@ -351,6 +351,15 @@ class Trainer:
         if acc.log_with:
             acc.end_training()
         wall = time.perf_counter() - t_start
+        # what each process saw and ended with: different data, identical parameters (DDP)
+        first = torch.tensor(sampler.batch(0), dtype=torch.long, device=acc.device)
+        checksum = torch.tensor(
+            [sum(float(p.detach().double().sum()) for p in model.parameters())],
+            dtype=torch.float64,
+            device=acc.device,
+        )
+        first_all = acc.gather(first[None]).cpu().tolist()
+        checksums = acc.gather(checksum).cpu().tolist()
         summary = {
             "run_dir": str(self.run_dir),
             "steps": step,
@@ -360,6 +369,9 @@ class Trainer:
             "train_episodes": len(split["train"]),
             "val_episodes": len(split["test"]),
             "train_frames": len(train_ds),
+            "processes": acc.num_processes,
+            "first_batch_per_process": first_all,
+            "param_checksum_per_process": checksums,
         }
         if self.is_main:
             write_json(self.run_dir / "train_summary.json", summary)

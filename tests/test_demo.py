@@ -1,0 +1,117 @@
+"""`vlatune demo` end to end with a tiny budget: every artifact exists and is well-formed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.sim, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    r = run_cli(
+        "demo", "--episodes", "2", "--minutes", "0.3", "--trials", "2", "--workers", "2",
+        "--out", str(out), "train.max_steps=30", "train.save_every=20", "train.val_every=10",
+        "eval.max_steps=40", "data.batch_size=8",
+        timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "report:" in r.stdout
+    return out
+
+
+def test_demo_artifacts(demo_dir):
+    from vlatune.data import open_dataset
+    from vlatune.data.video import decode_frames
+    from vlatune.policies import VLAPolicy
+
+    # demonstrations: LIBERO HDF5 with 2 demos, and its LeRobot v2.1 copy
+    (h5,) = (demo_dir / "data" / "libero_hdf5").glob("*_demo.hdf5")
+    with h5py.File(h5) as f:
+        assert len(f["data"]) == 2
+        assert f["data/demo_0/obs/agentview_rgb"].shape[1:] == (128, 128, 3)
+    info = json.loads((demo_dir / "data/lerobot/meta/info.json").read_text())
+    assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2
+    with open_dataset(demo_dir / "data" / "lerobot") as reader:
+        assert len(reader) == 2
+    # training: metrics, a checkpoint that loads and predicts
+    summary = json.loads((demo_dir / "demo_summary.json").read_text())
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "checkpoint-30"
+    policy = VLAPolicy.from_pretrained(ckpt)
+    chunk = policy.predict(
+        {
+            "images": {"agentview": np.zeros((128, 128, 3), np.uint8)},
+            "state": np.zeros(8),
+            "instruction": "x",
+        }
+    )
+    assert chunk.shape == (8, 7)
+    rows = [json.loads(x) for x in (demo_dir / "run/metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 30
+    # evaluation on init states 0 and 1 (held out: demos come from sampled states)
+    eval_dir = Path(summary["eval_dir"])
+    episodes = [json.loads(x) for x in (eval_dir / "episodes.jsonl").read_text().splitlines()]
+    assert sorted(e["init_index"] for e in episodes) == [0, 1]
+    results = json.loads((eval_dir / "results.json").read_text())
+    assert results["overall"]["trials"] + results["overall"]["errors"] == 2
+    assert summary["success_rate"] == results["overall"]["success_rate"]
+    for e in episodes:
+        frames = decode_frames(eval_dir / e["video"], list(range(3)))
+        assert frames.shape[0] == 3 and frames.shape[-1] == 3
+    # report: references the loss curve and every video, shows the success rate
+    page = (demo_dir / "report.html").read_text()
+    assert "Success rate" in page and "95% CI" in page
+    assert (demo_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    srcs = re.findall(r"(?:src|href)='([^']+)'|href=\"([^\"]+)\"", page)
+    refs = {a or b for a, b in srcs}
+    assert "loss.png" in refs
+    for e in episodes:
+        rel = str((eval_dir / e["video"]).relative_to(demo_dir))
+        assert rel in refs, rel
+    for ref in refs:
+        assert (demo_dir / ref).is_file(), ref
+    assert (demo_dir / "report.md").read_text().startswith("# vlatune demo")
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_in_headless_browser(demo_dir):
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium on this machine (apt install chromium) to check report.html in")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install playwright) to drive Chromium")
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium, args=["--autoplay-policy=no-user-gesture-required"]
+        )
+        page = browser.new_page()
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.goto((demo_dir / "report.html").as_uri())
+        assert "Success rate" in page.inner_text("#success-rate")
+        page.wait_for_timeout(1500)
+        playing = page.evaluate(
+            "Array.from(document.querySelectorAll('video')).some(v => v.currentTime > 0 && !v.paused)"
+        )
+        browser.close()
+    assert not errors, errors
+    assert playing
