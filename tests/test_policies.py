@@ -179,3 +179,32 @@ def test_observation_errors_are_clear():
     obs["state"] = np.zeros(9)
     with pytest.raises(ValueError, match="9 dims"):
         policy.predict(obs)
+
+
+def test_lora_trains_adapters_only_and_merges_exactly(tmp_path):
+    policy = make_policy("l1", lora={"r": 4, "alpha": 8, "dropout": 0.0})
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable)
+    assert not any(
+        n.startswith("backbone.") and "lora_" not in n and "state_proj" not in n for n in trainable
+    )
+    assert any(n.startswith("head.") for n in trainable)  # heads fully trained
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    batch = fixed_batch()
+    for _ in range(5):  # make the adapters non-zero
+        loss = policy(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    obs = [observation(0), observation(1)]
+    before = policy.predict_normalized(obs)
+    policy.save(tmp_path / "lora")
+    reloaded = VLAPolicy.from_pretrained(tmp_path / "lora")
+    torch.testing.assert_close(reloaded.predict_normalized(obs), before)
+    merged = reloaded.merge_lora()
+    assert merged.cfg.lora is None
+    assert not any("lora_" in k for k in merged.state_dict())
+    torch.testing.assert_close(merged.predict_normalized(obs), before, atol=1e-5, rtol=1e-4)
+    merged.save(tmp_path / "merged")
+    plain = VLAPolicy.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(plain.predict_normalized(obs), before, atol=1e-5, rtol=1e-4)

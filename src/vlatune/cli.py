@@ -377,17 +377,50 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
     type=int,
     help="First init state to try (then the next ones).",
 )
+@click.option(
+    "--init",
+    "init_source",
+    type=click.Choice(["fixed", "sampled"]),
+    default="fixed",
+    show_default=True,
+    help="LIBERO's 50 fixed init states, or new sampled ones (keeps the fixed ones held out; "
+    "one task at a time).",
+)
+@click.option("--workers", default=2, show_default=True, type=int, help="For --init sampled.")
+@click.option("--cameras", default="agentview,wrist", show_default=True, help="For --init sampled.")
 def sim_synth(
-    suite: str, tasks: str, episodes: int, out_dir: Path, resolution: int, first_init: int
+    suite: str,
+    tasks: str,
+    episodes: int,
+    out_dir: Path,
+    resolution: int,
+    first_init: int,
+    init_source: str,
+    workers: int,
+    cameras: str,
 ) -> None:
     """Record scripted-expert demonstrations as LIBERO HDF5 (raw orientation, env gripper)."""
-    from vlatune.sim.synth import synthesize
+    from vlatune.sim.synth import synthesize, synthesize_sampled
 
     task_ids = _parse_ints(tasks)
     with console.status("synthesising...") as status:
-        report = synthesize(
-            suite, task_ids, episodes, out_dir, resolution, first_init, progress=status.update
-        )
+        if init_source == "sampled":
+            if len(task_ids) != 1:
+                raise click.UsageError("--init sampled records one task at a time (--tasks N)")
+            report = synthesize_sampled(
+                suite,
+                task_ids[0],
+                episodes,
+                out_dir,
+                resolution,
+                cameras=tuple(c.strip() for c in cameras.split(",")),
+                workers=workers,
+                progress=lambda k, n: status.update(f"{k}/{episodes} kept, {n} tried"),
+            )
+        else:
+            report = synthesize(
+                suite, task_ids, episodes, out_dir, resolution, first_init, progress=status.update
+            )
     table = Table("task", "kept", "tried", "expert success", "mean steps")
     for t in report["tasks"].values():
         table.add_row(
@@ -607,8 +640,8 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 @cli.command()
 @click.option("--suite", default="libero_object", show_default=True)
 @click.option("--task", "task_id", default=0, show_default=True, type=int)
-@click.option("--episodes", default=40, show_default=True, type=int, help="Demonstrations.")
-@click.option("--minutes", default=10.0, show_default=True, type=float, help="Training time.")
+@click.option("--episodes", default=30, show_default=True, type=int, help="Demonstrations.")
+@click.option("--minutes", default=8.0, show_default=True, type=float, help="Training time.")
 @click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
 @click.option(

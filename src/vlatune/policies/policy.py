@@ -97,7 +97,59 @@ class VLAPolicy(nn.Module):
         )
         self._image = ImageTransform(spec["image_size"], crop_area=spec["crop_area"], train=False)
         self.source: str | None = None
+        if cfg.lora is not None:
+            self._apply_lora(cfg.lora)
         self.apply_freeze(cfg.freeze)
+
+    # ------------------------------------------------------------------ LoRA
+    def _apply_lora(self, lora) -> None:
+        """LoRA adapters (peft) on the backbone; heads, projectors and the energy model stay
+        fully trained. `all-linear` means every nn.Linear of the backbone except attention's
+        output projection (nn.MultiheadAttention reads its weight directly, so an adapter there
+        would never run)."""
+        from peft import LoraConfig as PeftLora
+        from peft import inject_adapter_in_model
+
+        if lora.target_modules == "all-linear":
+            targets = sorted(
+                name
+                for name, m in self.backbone.named_modules()
+                if isinstance(m, nn.Linear) and not name.endswith("out_proj")
+            )
+        else:
+            targets = list(lora.target_modules)
+        peft_cfg = PeftLora(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+        )
+        try:
+            self.backbone = inject_adapter_in_model(peft_cfg, self.backbone)
+        except ValueError as e:
+            raise ValueError(f"policy.lora.target_modules {targets}: {e}") from None
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_("lora_" in name or name.startswith("state_proj."))
+
+    def merge_lora(self) -> VLAPolicy:
+        """Fold the adapters into the weights: a plain policy whose outputs equal this one's."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if self.cfg.lora is None:
+            return self
+        for module in self.backbone.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+        plain = VLAPolicy(
+            self.cfg.model_copy(update={"lora": None}), self.spec, self.action_norm, self.state_norm
+        )
+        merged = {}
+        for k, v in self.state_dict().items():
+            if "lora_" in k:
+                continue
+            merged[k.replace(".base_layer.", ".")] = v
+        plain.load_state_dict(merged, strict=True)
+        return plain.eval()
 
     # ------------------------------------------------------------------ training
     def apply_freeze(self, patterns: Sequence[str]) -> None:

@@ -39,6 +39,13 @@ def hash_words(
     return ids, valid
 
 
+def relu(x: torch.Tensor) -> torch.Tensor:
+    """ReLU as a plain function: torch's transformer layers take their fused inference fast
+    path only for F.relu / F.gelu, and that path reads linear1/linear2 weights directly, which
+    would skip LoRA adapters at evaluation. Same maths, always the regular path."""
+    return nn.functional.relu(x)
+
+
 def _conv(cin: int, cout: int, k: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, k, stride=2, padding=k // 2),
@@ -104,7 +111,13 @@ class TinyBackbone(nn.Module):
             else None
         )
         layer = nn.TransformerEncoderLayer(
-            d, cfg.heads, 2 * d, dropout=cfg.dropout, batch_first=True, norm_first=True
+            d,
+            cfg.heads,
+            2 * d,
+            dropout=cfg.dropout,
+            activation=relu,
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)

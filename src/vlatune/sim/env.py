@@ -140,13 +140,21 @@ class LiberoEnv:
         self.last_raw = raw
         return self.observation(raw)
 
-    def sample_init_state(self, seed: int) -> np.ndarray:
-        """A new initial state: the task's BDDL placement regions sampled with `seed` (how LIBERO
-        made its 50 fixed states). Demonstrations from sampled states leave all 50 benchmark
-        states held out for evaluation."""
+    def sample_init_state(self, seed: int, joint_noise: float = 0.02) -> np.ndarray:
+        """A new initial state like LIBERO's 50 fixed ones: objects placed in the task's BDDL
+        regions by the env's sampler, arm joints perturbed with Gaussian noise of `joint_noise`
+        rad (LIBERO's fixed states show a 0.02 rad spread per arm joint; robosuite's reset
+        alone adds none). Demonstrations from sampled states leave all 50 benchmark states held
+        out for evaluation."""
         self._env.seed(seed)
         self._env.reset()
-        state = np.asarray(self.sim.sim.get_state().flatten(), dtype=np.float64)
+        sim = self.sim.sim
+        robot = self.sim.robots[0]
+        idx = robot._ref_joint_pos_indexes
+        rng = np.random.default_rng([seed, 7])
+        sim.data.qpos[idx] = sim.data.qpos[idx] + rng.normal(0.0, joint_noise, len(idx))
+        sim.forward()
+        state = np.asarray(sim.get_state().flatten(), dtype=np.float64)
         self._env.seed(self.seed)
         return state
 

@@ -98,6 +98,25 @@ def record_replay(
     return success, ep
 
 
+def task_file_attrs(task, env_name: str) -> dict[str, Any]:
+    """The per-file attributes LIBERO writes: problem info, BDDL file and content, env args."""
+    return {
+        "problem_info": {
+            "problem_name": env_name.lower(),
+            "domain_name": "robosuite",
+            "language_instruction": task.bddl_instruction,
+        },
+        "bddl_file_name": f"{task.suite}/{task.bddl_file.name}",
+        "bddl_file_content": task.bddl_file.read_text(),
+        "env_args": {
+            "type": 1,
+            "env_name": env_name,
+            "bddl_file": task.bddl_file.name,
+            "suite": task.suite,
+        },
+    }
+
+
 def synthesize(
     suite: str,
     tasks: Sequence[int],
@@ -128,21 +147,7 @@ def synthesize(
             if writer is None:
                 writer = LiberoHDF5Writer(tmp, image_orientation="raw")
             task = fast.task
-            writer.file_attrs[task.name] = {
-                "problem_info": {
-                    "problem_name": fast.sim.__class__.__name__.lower(),
-                    "domain_name": "robosuite",
-                    "language_instruction": task.bddl_instruction,
-                },
-                "bddl_file_name": f"{task.suite}/{task.bddl_file.name}",
-                "bddl_file_content": task.bddl_file.read_text(),
-                "env_args": {
-                    "type": 1,
-                    "env_name": fast.sim.__class__.__name__,
-                    "bddl_file": task.bddl_file.name,
-                    "suite": task.suite,
-                },
-            }
+            writer.file_attrs[task.name] = task_file_attrs(task, fast.sim.__class__.__name__)
             kept, tried, replay_failed, steps = [], 0, 0, []
             init = first_init
             try:
@@ -195,6 +200,9 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
     suite, task_id, seeds, resolution, cameras, params = job
     key = (suite, task_id, resolution, cameras)
     if key not in _WORKER_ENVS:
+        from vlatune.eval.runner import one_render_thread
+
+        one_render_thread()
         _WORKER_ENVS[key] = LiberoEnv(
             suite, task_id, resolution=resolution, cameras=cameras, render=True
         )
@@ -264,20 +272,9 @@ def synthesize_sampled(
         kept.sort(key=lambda x: x[0])
         env_probe = get_task(suite, task_id)
         writer = LiberoHDF5Writer(tmp, image_orientation="raw")
-        writer.file_attrs[env_probe.name] = {
-            "problem_info": {
-                "problem_name": "libero_tabletop_manipulation",
-                "domain_name": "robosuite",
-                "language_instruction": env_probe.bddl_instruction,
-            },
-            "bddl_file_name": f"{env_probe.suite}/{env_probe.bddl_file.name}",
-            "bddl_file_content": env_probe.bddl_file.read_text(),
-            "env_args": {
-                "type": 1,
-                "bddl_file": env_probe.bddl_file.name,
-                "suite": env_probe.suite,
-            },
-        }
+        writer.file_attrs[env_probe.name] = task_file_attrs(
+            env_probe, "Libero_Tabletop_Manipulation"
+        )
         for _, ep in kept:
             writer.add(ep)
         writer.close()

@@ -37,8 +37,8 @@ class StepBatchSampler(torch.utils.data.Sampler[list[int]]):
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._perms[epoch] = torch.randperm(self.n, generator=g)
-            if len(self._perms) > 2:  # a batch spans at most two epochs
-                del self._perms[min(self._perms)]
+            for old in [e for e in self._perms if e != epoch][:-1]:  # keep this and one more
+                del self._perms[old]
         return self._perms[epoch]
 
     def batch(self, step: int) -> list[int]:
