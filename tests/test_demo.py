@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.sim, pytest.mark.slow]
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo"
     r = run_cli(
-        "demo", "--episodes", "2", "--minutes", "0.3", "--trials", "2", "--workers", "2",
+        "demo", "--episodes", "2", "--minutes", "5", "--trials", "2", "--workers", "2",
         "--out", str(out), "train.max_steps=30", "train.save_every=20", "train.val_every=10",
         "eval.max_steps=40", "data.batch_size=8",
         timeout=900,
@@ -67,7 +67,7 @@ def test_demo_artifacts(demo_dir):
     assert results["overall"]["trials"] + results["overall"]["errors"] == 2
     assert summary["success_rate"] == results["overall"]["success_rate"]
     for e in episodes:
-        frames = decode_frames(eval_dir / e["video"], list(range(3)))
+        frames = decode_frames(eval_dir / e["video"], list(range(3)), 20)
         assert frames.shape[0] == 3 and frames.shape[-1] == 3
     # report: references the loss curve and every video, shows the success rate
     page = (demo_dir / "report.html").read_text()

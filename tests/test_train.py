@@ -157,15 +157,17 @@ def test_runs_plot(tmp_path, dataset):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu(tmp_path, dataset):
-    """accelerate launch --cpu --num_processes 2: different data per rank, averaged gradients
-    (identical parameters), only the main process writes."""
+    """Two CPU processes through accelerate: different data per rank, averaged gradients
+    (identical parameters), only the main process writes. On CPU, `accelerate launch --cpu`
+    starts one process unless MPI is set up; `--multi_gpu` uses torchrun underneath and the
+    processes join with gloo (the Accelerator finds no GPU and runs on CPU)."""
     import shutil
 
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     assert accelerate, "accelerate's launcher is installed with the package"
     run = tmp_path / "ddp"
     args = [
-        accelerate, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+        accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlatune", "train", str(CONFIG),
         "--no-progress", f"data.path={dataset}", "data.format=auto", "data.image_size=64",
         "data.batch_size=4", "policy.tiny.dim=32", "policy.heads.mlp_dim=32",

@@ -630,6 +630,8 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(config_file, list(overrides))
     summary = run_training(cfg, progress=not no_progress)
+    if os.environ.get("RANK", "0") != "0":  # one line per run, not per process
+        return
     console.print(
         f"trained {summary['steps']} steps in {summary['wall_s']:.0f} s"
         f"{' (stopped by train.max_minutes)' if summary['stopped_by_time'] else ''}; "
