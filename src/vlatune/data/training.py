@@ -34,6 +34,17 @@ from vlatune.data.io import open_dataset
 from vlatune.data.transforms import ImageTransform, Normalizer
 
 
+def normalizers_from_stats(data_cfg, stats: dict[str, Any]) -> tuple[Normalizer, Normalizer | None]:
+    """The action and state normalisers of a data config (the one definition: datasets and
+    policies both use it). The gripper dimension is left unnormalised."""
+    keep = [] if data_cfg.gripper_dim is None else [data_cfg.gripper_dim]
+    a_norm = Normalizer.from_stats(stats["action"], data_cfg.normalization, keep_dims=keep)
+    s_norm = (
+        Normalizer.from_stats(stats["state"], data_cfg.normalization) if "state" in stats else None
+    )
+    return a_norm, s_norm
+
+
 class FrameDataset(torch.utils.data.Dataset):
     def __init__(
         self,
@@ -111,13 +122,9 @@ class FrameDataset(torch.utils.data.Dataset):
         state_norm: Normalizer | None = None,
     ) -> FrameDataset:
         """Normalisers come from `stats`, or are given (a policy's, when resuming)."""
-        keep = [] if data_cfg.gripper_dim is None else [data_cfg.gripper_dim]
-        a_norm = action_norm or Normalizer.from_stats(
-            stats["action"], data_cfg.normalization, keep_dims=keep
-        )
-        s_norm = state_norm
-        if s_norm is None and "state" in stats:
-            s_norm = Normalizer.from_stats(stats["state"], data_cfg.normalization)
+        a_norm, s_norm = action_norm, state_norm
+        if a_norm is None:
+            a_norm, s_norm = normalizers_from_stats(data_cfg, stats)
         aug = data_cfg.augment
         return cls(
             path,

@@ -55,11 +55,16 @@ def input_spec(data_cfg, action_dim: int, state_dim: int | None) -> dict[str, An
 
 
 def declared_conventions(spec: dict[str, Any]) -> dict[str, Any]:
-    """Training data is converted to these on load (vlatune.data.training), so they are fixed."""
+    """Training data is converted to the env's conventions on load (vlatune.data.training):
+    upright images and the env gripper sign; an 8-d state is LIBERO's layout."""
+    from vlatune.eval.policies import ENV_CONVENTIONS
+
     return {
-        "image_orientation": "upright",
-        "gripper": "-1_open",
-        "state": "libero_8d" if spec["state_dim"] == 8 else f"custom_{spec['state_dim']}d",
+        "image_orientation": ENV_CONVENTIONS["image_orientation"],
+        "gripper": ENV_CONVENTIONS["gripper"],
+        "state": ENV_CONVENTIONS["state"]
+        if spec["state_dim"] == 8
+        else f"custom_{spec['state_dim']}d",
         "action_dim": spec["action_dim"],
         "action_horizon": spec["horizon"],
         "cameras": spec["cameras"],
@@ -364,10 +369,10 @@ def _sha256(path: Path) -> str:
 
 def build_policy(cfg, stats: dict[str, Any]) -> VLAPolicy:
     """A fresh policy for a run config (`vlatune.config.Config`) and training statistics."""
+    from vlatune.data.training import normalizers_from_stats
+
     d = cfg.data
-    keep = [] if d.gripper_dim is None else [d.gripper_dim]
-    a_norm = Normalizer.from_stats(stats["action"], d.normalization, keep_dims=keep)
-    s_norm = Normalizer.from_stats(stats["state"], d.normalization) if "state" in stats else None
+    a_norm, s_norm = normalizers_from_stats(d, stats)
     action_dim = len(a_norm.low)
     state_dim = len(s_norm.low) if s_norm is not None else None
     if cfg.policy.use_proprio and state_dim is None:

@@ -25,6 +25,7 @@ import numpy as np
 from vlatune.conventions import NUM_INIT_STATES, libero_state
 from vlatune.data.episode import DataError, Episode
 from vlatune.data.formats.libero_hdf5 import LiberoHDF5Writer
+from vlatune.fsutil import atomic_dir
 from vlatune.sim.env import LiberoEnv, get_task
 from vlatune.sim.expert import ExpertParams, run_expert_episode
 
@@ -242,26 +243,19 @@ def synthesize_sampled(
         )
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     t_start = time.perf_counter()
     kept: list[tuple[int, Episode]] = []
     tried, next_seed = 0, seed * 10_000
     workers = max(1, workers)
     ctx = mp.get_context("forkserver")
-    try:
+    with atomic_dir(out, overwrite=False) as tmp:
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             while len(kept) < episodes and tried < 3 * episodes + 10:
                 need = episodes - len(kept)
                 batch = list(range(next_seed, next_seed + need + (need + 9) // 10))
                 next_seed += len(batch)
-                per = [batch[w::workers] for w in range(workers) if batch[w::workers]]
                 # one job per seed keeps the workers busy until the end
-                jobs = [
-                    (suite, task_id, [s], resolution, tuple(cameras), params)
-                    for chunk in per
-                    for s in chunk
-                ]
+                jobs = [(suite, task_id, [s], resolution, tuple(cameras), params) for s in batch]
                 for result in pool.map(_sampled_worker, jobs):
                     for s, ok, ep in result:
                         tried += 1
@@ -302,8 +296,4 @@ def synthesize_sampled(
                 f"the scripted expert solved none of {tried} sampled initial states", file=out
             )
         (tmp / "synth_report.json").write_text(json.dumps(report, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return report
