@@ -49,6 +49,13 @@ def test_step_sampler_shards_and_resumes():
 
 
 @pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory) -> Path:
+    from hf_fixtures import tiny_qwen2_5_vl
+
+    return tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_libero_hdf5(tmp_path_factory.mktemp("train") / "data", demos=4, T=16, res=64)
 
@@ -194,25 +201,39 @@ def test_two_process_ddp_on_cpu(tmp_path, dataset):
 @pytest.mark.parametrize(
     "config", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml"))
 )
-def test_every_config_runs_two_steps(config, tmp_path, dataset):
+def test_every_config_runs_two_steps(config, tmp_path, dataset, tiny_qwen):
     """Each recipe in configs/ loads, validates and trains 2 steps with tiny overrides."""
     from vlatune.config import load_config
     from vlatune.train.trainer import train
 
-    cfg = load_config(
-        ROOT / "configs" / config,
-        [
-            f"data.path={dataset}",
-            "data.format=auto",
-            "data.image_size=64",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            f"train.output_dir={tmp_path / 'run'}",
-            "train.max_steps=2",
-            "train.max_minutes=null",
-            "train.val_every=null",
-        ],
-    )
+    tiny = [
+        f"data.path={dataset}",
+        "data.format=auto",
+        "data.image_size=64",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.annotations=null",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.max_steps=2",
+        "train.max_minutes=null",
+        "train.val_every=null",
+        "train.mixed_precision=no",
+        "train.gradient_checkpointing=false",
+    ]
+    recipe = load_config(ROOT / "configs" / config)
+    if not set(recipe.data.cameras) <= {"agentview", "wrist"}:  # custom layouts
+        tiny.append("data.cameras=[agentview,wrist]")
+    if recipe.policy.backbone == "hf-vlm":  # the same architecture, tiny and random
+        tiny += [
+            f"policy.model_id={tiny_qwen}",
+            "policy.dtype=float32",
+            "policy.action_tokenizer_path=null",
+            "policy.fast_vocab=64",
+            "policy.heads.expert_dim=32",
+            "policy.heads.mlp_dim=32",
+            "policy.energy.hidden=32",
+        ]
+    cfg = load_config(ROOT / "configs" / config, tiny)
     summary = train(cfg, progress=False)
     assert summary["steps"] == 2
     assert (tmp_path / "run" / "checkpoint-2" / "policy" / "model.safetensors").is_file()

@@ -677,6 +677,56 @@ def demo(suite, task_id, episodes, minutes, trials, workers, out_dir, config_fil
     )
 
 
+@cli.command()
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("overrides", nargs=-1)
+@click.option(
+    "--phases",
+    default=None,
+    help="Recipes beside CONFIG, comma-separated (default: CONFIG itself).",
+)
+@click.option("--subsets", default="spatial,object,goal,long", show_default=True)
+@click.option(
+    "--eval-trials",
+    default=50,
+    show_default=True,
+    type=int,
+    help="Trials per task (0: no evaluation).",
+)
+@click.option("--workers", default=1, show_default=True, type=int, help="Simulator processes.")
+@click.option(
+    "--out",
+    "out_dir",
+    default=Path("runs/experiment"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+@click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
+@click.option("--no-progress", is_flag=True)
+def experiment(
+    config_file, overrides, phases, subsets, eval_trials, workers, out_dir, dry_run, no_progress
+):
+    """Train and evaluate every (phase, subset) cell, skipping cells already done; write
+    OUT/results.md and OUT/results.csv (rows = phases, columns = subsets)."""
+    from vlatune.experiment import run_experiment
+
+    try:
+        run_experiment(
+            config_file,
+            [p.strip() for p in phases.split(",") if p.strip()] if phases else None,
+            [s.strip() for s in subsets.split(",") if s.strip()],
+            out_dir,
+            eval_trials=eval_trials,
+            workers=workers,
+            overrides=list(overrides),
+            dry_run=dry_run,
+            say=console.print,
+            progress=not no_progress,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
 @cli.group()
 def runs() -> None:
     """Look at training runs."""

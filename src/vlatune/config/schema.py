@@ -65,6 +65,10 @@ class DataConfig(Strict):
     )
     min_cameras: int = Field(1, ge=1, description="never drop below this many cameras")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    annotations: str | None = Field(
+        None,
+        description="per-frame reasoning / flow-token file (vlatune annotate) for the tokens head",
+    )
     cache_images: bool = Field(
         False, description="keep decoded frames in memory after first use (small datasets)"
     )
@@ -132,13 +136,45 @@ class EnergyConfig(Strict):
     correction_max_step: float = Field(0.1, gt=0.0, description="clip of each correction step")
 
 
+class ReasoningConfig(Strict):
+    """Reasoning targets of the `tokens` head (ECoT text, flow tokens) before the actions."""
+
+    enabled: bool = Field(False, description="train on batch['reasoning'] text before the actions")
+    dropout: float = Field(0.5, ge=0.0, le=1.0, description="drop the whole reasoning (NORA: 0.5)")
+    tag_dropout: float = Field(
+        0.0, ge=0.0, le=1.0, description="drop each tagged line independently"
+    )
+    loss_weight: float = Field(0.5, ge=0.0, description="CoT token loss weight")
+    flow_tokens: int = Field(0, ge=0, description="VQ codebook size of flow tokens (0: none)")
+    inference: Literal["skip", "generate"] = Field(
+        "skip", description="skip: decode actions directly; generate: reasoning, then actions"
+    )
+    max_new_tokens: int = Field(256, gt=0, description="with inference=generate")
+
+
 class PolicyConfig(Strict):
     backbone: Literal["tiny", "hf-vlm", "rdt"] = "tiny"
     model_id: str | None = Field(
         None, description="hub id or local folder for hf-vlm / rdt backbones"
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="hf-vlm weights: auto = bfloat16 on a GPU that supports it, else float32",
+    )
     head: Literal["l1", "tokens", "diffusion", "flow"] = "l1"
     action_tokenizer: Literal["fast", "bins"] | None = None
+    action_tokenizer_path: str | None = Field(
+        None, description="a fitted FAST folder (e.g. FAST+); None: fit on the training chunks"
+    )
+    fast_vocab: int = Field(1024, gt=0, description="BPE vocabulary when FAST is fitted here")
+    fast_scale: float = Field(10.0, gt=0.0)
+    max_new_tokens: int = Field(64, gt=0, description="tokens head: action tokens at most")
+    safe_action: list[float] | None = Field(
+        None,
+        description="tokens head: env-unit action used when a generated sequence does not decode "
+        "(None: zeros, i.e. no motion for delta actions, gripper open)",
+    )
+    reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     use_proprio: bool = True
     lora: LoraConfig | None = None
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze")
@@ -152,6 +188,16 @@ class PolicyConfig(Strict):
             raise ValueError(
                 "policy.head 'tokens' needs policy.action_tokenizer ('fast' or 'bins')"
             )
+        if self.head == "tokens" and self.backbone != "hf-vlm":
+            raise ValueError(
+                "policy.head 'tokens' decodes with a language model head: use backbone 'hf-vlm'"
+            )
+        if self.backbone in ("hf-vlm", "rdt") and not self.model_id:
+            raise ValueError(
+                f"policy.backbone '{self.backbone}' needs policy.model_id (hub id or folder)"
+            )
+        if self.reasoning.enabled and self.head != "tokens":
+            raise ValueError("policy.reasoning needs policy.head 'tokens'")
         return self
 
 
@@ -182,6 +228,12 @@ class TrainConfig(Strict):
     val_every: int | None = Field(None, gt=0)
     val_batches: int = Field(20, gt=0, description="validation batches per evaluation at most")
     val_max_seconds: float = Field(60.0, gt=0.0, description="wall-time limit of one validation")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):  # YAML 1.1 reads a bare `no` as false
+        return "no" if v is False else v
+
     trackers: list[Literal["wandb", "tensorboard", "trackio"]] = Field(
         default_factory=list, description="besides metrics.jsonl, through accelerate"
     )
@@ -216,3 +268,28 @@ class Config(Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _apply_subset(self) -> Config:
+        """`data.subset` (spatial, object, goal, long) names the LIBERO suite of the run: it
+        sets `eval.suite`, and `{subset}` / `{suite}` in `data.path`, `data.annotations` and
+        `train.output_dir` are filled in, so one recipe serves the four suites
+        (`data.subset=goal`)."""
+        if self.data.subset is None:
+            return self
+        suite = resolve_suite(self.data.subset)
+        if self.eval.suite != suite:
+            self.eval.suite = suite
+        fill = {"subset": self.data.subset, "suite": suite}
+        for section, key in (("data", "path"), ("data", "annotations"), ("train", "output_dir")):
+            obj = getattr(self, section)
+            value = getattr(obj, key)
+            if isinstance(value, str) and "{" in value:
+                try:
+                    setattr(obj, key, value.format(**fill))
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(
+                        f"{section}.{key} '{value}': only {{subset}} and {{suite}} can be filled "
+                        f"in ({e})"
+                    ) from None
+        return self

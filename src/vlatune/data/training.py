@@ -243,6 +243,19 @@ class FrameDataset(torch.utils.data.Dataset):
         sample.update(self.annotations.get((ep, t), {}))
         return sample
 
+    def action_chunks(self, limit: int = 20000) -> list[np.ndarray]:
+        """Normalised action chunks (H, A) of up to `limit` evenly spread samples (what a FAST
+        tokenizer is fitted on); no images are read."""
+        n = len(self)
+        picks = np.unique(np.linspace(0, n - 1, min(n, limit)).astype(np.int64))
+        out = []
+        for k in picks:
+            pos, t = self.locate(int(k))
+            actions = self._episode_lowdim(self.episodes[pos])[0]
+            idx = np.minimum(np.arange(t, t + self.horizon), len(actions) - 1)
+            out.append(self.action_norm(actions[idx]))
+        return out
+
     def _camera_keep(self) -> list[bool]:
         n = len(self.cameras)
         if self.camera_dropout <= 0:

@@ -81,22 +81,58 @@ class VLAPolicy(nn.Module):
         spec: dict[str, Any],
         action_norm: Normalizer,
         state_norm: Normalizer | None = None,
+        action_tokenizer=None,
+        vlm_source: str | None = None,
     ):
+        """`action_tokenizer`: the fitted FAST / bins tokenizer of a `tokens` head.
+        `vlm_source`: a folder with the hf-vlm architecture (config, tokenizer, image
+        processor) whose weights come from the policy's own file (loading a saved policy)."""
         super().__init__()
-        if cfg.backbone != "tiny":
+        if cfg.backbone == "rdt":
             raise ValueError(
-                f"policy.backbone '{cfg.backbone}' is not available yet in this version; use 'tiny'"
+                "policy.backbone 'rdt' (SigLIP + T5 encoders) is not available in this version; "
+                "use 'hf-vlm' or 'tiny'"
             )
-        if cfg.head not in HEADS:
+        if cfg.head not in HEADS and cfg.head != "tokens":
             raise ValueError(
-                f"policy.head '{cfg.head}' is not available yet; choose one of {sorted(HEADS)}"
+                f"policy.head '{cfg.head}' is not available; choose one of {sorted(HEADS)} or tokens"
             )
         self.cfg, self.spec = cfg, dict(spec)
         self.action_norm, self.state_norm = action_norm, state_norm
         state_dim = spec["state_dim"] if cfg.use_proprio else None
-        self.backbone = TinyBackbone(cfg.tiny, spec["cameras"], spec["image_size"], state_dim)
         H, A = spec["horizon"], spec["action_dim"]
-        self.head = HEADS[cfg.head](cfg.heads, self.backbone.dim, H, A)
+        self.action_tokenizer = None
+        if cfg.backbone == "tiny":
+            self.backbone = TinyBackbone(cfg.tiny, spec["cameras"], spec["image_size"], state_dim)
+        else:
+            from vlatune.policies.hf_vlm import HFVLMBackbone
+            from vlatune.policies.token_head import action_vocab
+
+            if cfg.head == "tokens":
+                if action_tokenizer is None:
+                    raise ValueError("a tokens head needs its fitted action tokenizer")
+                self.action_tokenizer = action_tokenizer
+            self.backbone = HFVLMBackbone(
+                vlm_source or cfg.model_id,
+                spec["cameras"],
+                state_dim,
+                action_vocab=action_vocab(action_tokenizer) if action_tokenizer else 0,
+                flow_vocab=cfg.reasoning.flow_tokens,
+                dtype=cfg.dtype,
+                weights=vlm_source is None,
+            )
+        if cfg.head == "tokens":
+            from vlatune.policies.token_head import TokenHead
+
+            safe = np.zeros(A) if cfg.safe_action is None else np.asarray(cfg.safe_action)
+            if safe.shape != (A,):
+                raise ValueError(f"policy.safe_action has {safe.size} values, actions have {A}")
+            safe_norm = action_norm(safe[None])[0]
+            if spec.get("gripper_dim") is not None:
+                safe_norm[spec["gripper_dim"]] = safe[spec["gripper_dim"]]
+            self.head = TokenHead(cfg, self.action_tokenizer, H, A, safe_norm)
+        else:
+            self.head = HEADS[cfg.head](cfg.heads, self.backbone.dim, H, A)
         self.energy = (
             EnergyModel(cfg.energy.hidden, self.backbone.dim, H, A) if cfg.energy.enabled else None
         )
@@ -115,7 +151,11 @@ class VLAPolicy(nn.Module):
         from peft import LoraConfig as PeftLora
         from peft import inject_adapter_in_model
 
-        if lora.target_modules == "all-linear":
+        if self.cfg.backbone == "hf-vlm":
+            from vlatune.policies.hf_vlm import lora_targets
+
+            targets = lora_targets(self.backbone, lora.target_modules)
+        elif lora.target_modules == "all-linear":
             targets = sorted(
                 name
                 for name, m in self.backbone.named_modules()
@@ -133,8 +173,13 @@ class VLAPolicy(nn.Module):
             self.backbone = inject_adapter_in_model(peft_cfg, self.backbone)
         except ValueError as e:
             raise ValueError(f"policy.lora.target_modules {targets}: {e}") from None
+        train_embeddings = getattr(self.backbone, "trains_new_tokens", False)
         for name, p in self.backbone.named_parameters():
-            p.requires_grad_("lora_" in name or name.startswith("state_proj."))
+            p.requires_grad_(
+                "lora_" in name
+                or name.startswith("state_proj.")
+                or (train_embeddings and ("embed_tokens" in name or "lm_head" in name))
+            )
 
     def merge_lora(self) -> VLAPolicy:
         """Fold the adapters into the weights: a plain policy whose outputs equal this one's."""
@@ -146,7 +191,12 @@ class VLAPolicy(nn.Module):
             if isinstance(module, BaseTunerLayer):
                 module.merge()
         plain = VLAPolicy(
-            self.cfg.model_copy(update={"lora": None}), self.spec, self.action_norm, self.state_norm
+            self.cfg.model_copy(update={"lora": None}),
+            self.spec,
+            self.action_norm,
+            self.state_norm,
+            self.action_tokenizer,
+            vlm_source=self._vlm_folder(),
         )
         merged = {}
         for k, v in self.state_dict().items():
@@ -190,6 +240,25 @@ class VLAPolicy(nn.Module):
             )
         return [g for g in groups if g["params"]]
 
+    def _vlm_folder(self) -> str | None:
+        """hf-vlm: a folder with the architecture (no weights) for rebuilding this policy."""
+        if self.cfg.backbone != "hf-vlm":
+            return None
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="vlatune-vlm-"))
+        self._save_vlm(folder)
+        return str(folder)
+
+    def _save_vlm(self, folder: Path) -> None:
+        bb = self.backbone
+        bb.model.config.save_pretrained(folder)
+        bb.tokenizer.save_pretrained(folder)
+        bb.image_processor.save_pretrained(folder)
+
+    def _state_input(self, batch: dict[str, Any]):
+        return batch.get("state") if self.cfg.use_proprio else None
+
     def encode(self, batch: dict[str, Any]):
         images = batch["images"]
         B = next(iter(images.values())).shape[0]
@@ -206,6 +275,9 @@ class VLAPolicy(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Losses of one batch: {'loss': total, and each term}."""
+        if self.cfg.head == "tokens":
+            loss, metrics = self.head.loss(self.backbone, batch, self._state_input(batch))
+            return {"action_loss": loss.detach(), **metrics, "loss": loss}
         out = self.encode(batch)
         actions = batch["actions"].float()
         mask = batch.get("action_mask")
@@ -256,6 +328,8 @@ class VLAPolicy(nn.Module):
         self.eval()
         try:
             batch = self._prepare(observations)
+            if self.cfg.head == "tokens":
+                return self.head.sample(self.backbone, batch, self._state_input(batch))
             out = self.encode(batch)
             chunk = self.head.sample(out)
             e = self.cfg.energy
@@ -300,19 +374,40 @@ class VLAPolicy(nn.Module):
         return d
 
     # ------------------------------------------------------------------ save / load
+    def _adapter_only(self) -> bool:
+        return self.cfg.backbone == "hf-vlm" and self.cfg.lora is not None
+
     def save(self, path: str | Path) -> Path:
+        """The policy folder. An hf-vlm policy also gets `vlm/` (architecture config, tokenizer
+        with the added tokens, image processor); with LoRA only the trained tensors (adapters,
+        heads, projector, new-token embeddings) are written, plus the base model id
+        (`weights: adapter`), and loading fetches the base weights from `policy.model_id`."""
         from safetensors.torch import save_file
 
         path = Path(path)
         with atomic_dir(path) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            state = self.state_dict()
+            if self._adapter_only():
+                trained = {n for n, p in self.named_parameters() if p.requires_grad}
+                state = {
+                    k: v
+                    for k, v in state.items()
+                    if k in trained or "lora_" in k or not k.startswith("backbone.model.")
+                }
+            state = _unshare(state)
             save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
             config = {
                 "format": FORMAT,
                 "policy": self.cfg.model_dump(mode="json"),
                 "spec": self.spec,
                 "conventions": self.conventions,
+                "weights": "adapter" if self._adapter_only() else "full",
             }
+            if self.cfg.backbone == "hf-vlm":
+                config["base_model"] = self.cfg.model_id
+                self._save_vlm(tmp / "vlm")
+            if self.action_tokenizer is not None and hasattr(self.action_tokenizer, "save"):
+                self.action_tokenizer.save(tmp / "action_tokenizer")
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             norm = {"action": self.action_norm.to_json()}
             if self.state_norm is not None:
@@ -342,14 +437,31 @@ class VLAPolicy(nn.Module):
                 "normalisation without the training statistics"
             )
         norm = json.loads(norm_file.read_text())
+        pcfg = PolicyConfig.model_validate(config["policy"])
+        tokenizer = None
+        if pcfg.head == "tokens":
+            from vlatune.policies.token_head import fit_or_load_tokenizer
+
+            if pcfg.action_tokenizer == "fast":
+                pcfg = pcfg.model_copy(
+                    update={"action_tokenizer_path": str(path / "action_tokenizer")}
+                )
+            tokenizer = fit_or_load_tokenizer(pcfg, None)
+        adapter = config.get("weights") == "adapter"
         policy = cls(
-            PolicyConfig.model_validate(config["policy"]),
+            pcfg,
             config["spec"],
             Normalizer.from_json(norm["action"]),
             Normalizer.from_json(norm["state"]) if "state" in norm else None,
+            tokenizer,
+            vlm_source=str(path / "vlm") if pcfg.backbone == "hf-vlm" and not adapter else None,
         )
         state = load_file(path / "model.safetensors", device=device)
         missing, unexpected = policy.load_state_dict(state, strict=False)
+        tied = _tied_keys(policy)
+        missing = [k for k in missing if k not in tied]
+        if adapter:  # the base model's weights came from policy.model_id
+            missing = [k for k in missing if not k.startswith("backbone.model.") or "lora_" in k]
         if missing or unexpected:
             raise ValueError(
                 f"{path / 'model.safetensors'}: weights do not match the config "
@@ -357,6 +469,27 @@ class VLAPolicy(nn.Module):
             )
         policy.source = str(path.resolve())
         return policy.to(device).eval()
+
+
+def _unshare(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied embeddings / LM head): keep the
+    first name of each shared tensor; loading re-ties them."""
+    seen: set[tuple[int, int, tuple]] = set()
+    out = {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen and v.numel() > 0:
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def _tied_keys(module: nn.Module) -> set[str]:
+    """State-dict names that alias an earlier name's tensor (not written by `_unshare`)."""
+    state = module.state_dict()
+    kept = set(_unshare(state))
+    return set(state) - kept
 
 
 def _sha256(path: Path) -> str:
@@ -367,8 +500,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def build_policy(cfg, stats: dict[str, Any]) -> VLAPolicy:
-    """A fresh policy for a run config (`vlatune.config.Config`) and training statistics."""
+def build_policy(cfg, stats: dict[str, Any], chunks=None) -> VLAPolicy:
+    """A fresh policy for a run config (`vlatune.config.Config`) and training statistics.
+    `chunks` (a callable returning normalised training chunks (H, A)) fits a FAST tokenizer
+    when the recipe asks for one and gives no fitted folder."""
     from vlatune.data.training import normalizers_from_stats
 
     d = cfg.data
@@ -377,4 +512,10 @@ def build_policy(cfg, stats: dict[str, Any]) -> VLAPolicy:
     state_dim = len(s_norm.low) if s_norm is not None else None
     if cfg.policy.use_proprio and state_dim is None:
         raise ValueError("policy.use_proprio is true but the dataset has no state")
-    return VLAPolicy(cfg.policy, input_spec(d, action_dim, state_dim), a_norm, s_norm)
+    tokenizer = None
+    if cfg.policy.head == "tokens":
+        from vlatune.policies.token_head import fit_or_load_tokenizer
+
+        need = cfg.policy.action_tokenizer == "fast" and not cfg.policy.action_tokenizer_path
+        tokenizer = fit_or_load_tokenizer(cfg.policy, chunks() if need and chunks else None)
+    return VLAPolicy(cfg.policy, input_spec(d, action_dim, state_dim), a_norm, s_norm, tokenizer)

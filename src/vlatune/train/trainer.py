@@ -54,8 +54,14 @@ def _fault(stage: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+LISTED = ("reasoning", "flow_tokens")  # per-sample annotations, possibly absent: kept as lists
+
+
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return torch.utils.data.default_collate(samples)
+    listed = {k: [s.pop(k, None) for s in samples] for k in LISTED if any(k in s for s in samples)}
+    batch = torch.utils.data.default_collate(samples)
+    batch.update(listed)
+    return batch
 
 
 def _memory_mb() -> float:
@@ -133,20 +139,32 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(split_file, split)
             write_json(stats_file, stats)
-        policy = resumed_policy
-        if policy is None:
-            from vlatune.policies import build_policy
+        from vlatune.data.training import normalizers_from_stats
 
-            policy = build_policy(self.cfg, stats)
-        norms = {"action_norm": policy.action_norm, "state_norm": policy.state_norm}
+        policy = resumed_policy
+        a_norm, s_norm = (
+            normalizers_from_stats(d, stats)
+            if policy is None
+            else (policy.action_norm, policy.state_norm)
+        )
+        annotations = None
+        if d.annotations:
+            from vlatune.data.annotations import load_annotations
+
+            annotations = load_annotations(d.annotations)
+        kw = {"action_norm": a_norm, "state_norm": s_norm, "annotations": annotations}
         train_ds = FrameDataset.from_config(
-            path, d, stats, episodes=split["train"], train=True, seed=self.cfg.train.seed, **norms
+            path, d, stats, episodes=split["train"], train=True, seed=self.cfg.train.seed, **kw
         )
         val_ds = (
-            FrameDataset.from_config(path, d, stats, episodes=split["test"], train=False, **norms)
+            FrameDataset.from_config(path, d, stats, episodes=split["test"], train=False, **kw)
             if split["test"]
             else None
         )
+        if policy is None:
+            from vlatune.policies import build_policy
+
+            policy = build_policy(self.cfg, stats, chunks=train_ds.action_chunks)
         return policy, train_ds, val_ds, split
 
     def _optimizer(self, policy):
