@@ -103,3 +103,48 @@ def tiny_qwen2_5_vl(folder: Path, seed: int = 0, with_template: bool = True) -> 
     tokenizer.save_pretrained(folder)
     image_processor.save_pretrained(folder)
     return folder
+
+
+def _word_tokenizer(extra_specials: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for line in CORPUS for w in line.lower().split()} | set("0123456789"))
+    vocab = {t: i for i, t in enumerate([*extra_specials, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+
+
+def tiny_t5_encoder(folder: Path, seed: int = 0) -> Path:
+    """A 1-layer T5 encoder (d_model 32) with a word-level tokenizer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    tokenizer = _word_tokenizer(["<pad>", "</s>", "<unk>"])
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_siglip_vision(folder: Path, seed: int = 0) -> Path:
+    """A 1-layer SigLIP vision tower on 32 px images (patch 8: 16 tokens) and its PIL processor."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = Path(folder)
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        image_size=32, patch_size=8,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    SiglipVisionModel(config).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -56,6 +56,14 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def rdt_encoders(tmp_path_factory) -> tuple[Path, Path]:
+    from hf_fixtures import tiny_siglip_vision, tiny_t5_encoder
+
+    root = tmp_path_factory.mktemp("rdt")
+    return tiny_siglip_vision(root / "siglip"), tiny_t5_encoder(root / "t5")
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     return make_libero_hdf5(tmp_path_factory.mktemp("train") / "data", demos=4, T=16, res=64)
 
@@ -198,10 +206,15 @@ def test_two_process_ddp_on_cpu(tmp_path, dataset):
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # one writer, no duplicates
 
 
-@pytest.mark.parametrize(
-    "config", sorted(p.relative_to(ROOT / "configs") for p in (ROOT / "configs").rglob("*.yaml"))
+RECIPES = sorted(
+    p.relative_to(ROOT / "configs")
+    for p in (ROOT / "configs").rglob("*.yaml")
+    if p.parent.name != "accelerate"  # accelerate's own launcher configs
 )
-def test_every_config_runs_two_steps(config, tmp_path, dataset, tiny_qwen):
+
+
+@pytest.mark.parametrize("config", RECIPES)
+def test_every_config_runs_two_steps(config, tmp_path, dataset, tiny_qwen, rdt_encoders):
     """Each recipe in configs/ loads, validates and trains 2 steps with tiny overrides."""
     from vlatune.config import load_config
     from vlatune.train.trainer import train
@@ -233,6 +246,15 @@ def test_every_config_runs_two_steps(config, tmp_path, dataset, tiny_qwen):
             "policy.heads.mlp_dim=32",
             "policy.energy.hidden=32",
         ]
+    if recipe.policy.backbone == "rdt":
+        tiny += [
+            f"policy.model_id={rdt_encoders[0]}",
+            f"policy.rdt.text_model_id={rdt_encoders[1]}",
+            f"policy.rdt.language_cache={tmp_path / 'lang'}",
+            "policy.rdt.dim=32",
+            "policy.heads.expert_dim=32",
+            "policy.heads.expert_layers=1",
+        ]
     cfg = load_config(ROOT / "configs" / config, tiny)
     summary = train(cfg, progress=False)
     assert summary["steps"] == 2
@@ -244,3 +266,13 @@ def test_sampler_batches_are_pure_functions_of_the_step():
     late = s.batch(40)
     assert s.batch(0) == StepBatchSampler(7, 3, seed=2).batch(0)  # after later epochs too
     assert s.batch(40) == late
+
+
+def test_accelerate_launcher_configs_load():
+    """The DeepSpeed ZeRO-2 and FSDP files are accelerate's own config format."""
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    ds = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/deepspeed_zero2.yaml"))
+    assert ds.distributed_type == "DEEPSPEED" and ds.deepspeed_config["zero_stage"] == 2
+    fsdp = ClusterConfig.from_yaml_file(str(ROOT / "configs/accelerate/fsdp.yaml"))
+    assert fsdp.distributed_type == "FSDP"

@@ -152,6 +152,20 @@ class ReasoningConfig(Strict):
     max_new_tokens: int = Field(256, gt=0, description="with inference=generate")
 
 
+class RDTConfig(Strict):
+    """The `rdt` backbone: SigLIP image tokens (policy.model_id) + T5 instruction tokens."""
+
+    text_model_id: str = Field("google/t5-v1_1-xxl", description="T5 encoder: hub id or folder")
+    max_text_tokens: int = Field(32, gt=0)
+    dim: int = Field(256, gt=0, description="width of the projected condition tokens")
+    precompute_language: bool = Field(
+        True, description="encode each instruction once before training; train without T5"
+    )
+    language_cache: str | None = Field(
+        None, description="on-disk embedding cache (None: ~/.cache/vlatune/language)"
+    )
+
+
 class PolicyConfig(Strict):
     backbone: Literal["tiny", "hf-vlm", "rdt"] = "tiny"
     model_id: str | None = Field(
@@ -175,6 +189,7 @@ class PolicyConfig(Strict):
         "(None: zeros, i.e. no motion for delta actions, gripper open)",
     )
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
+    rdt: RDTConfig = Field(default_factory=RDTConfig)
     use_proprio: bool = True
     lora: LoraConfig | None = None
     freeze: list[str] = Field(default_factory=list, description="parameter-name patterns to freeze")

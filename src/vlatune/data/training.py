@@ -243,6 +243,10 @@ class FrameDataset(torch.utils.data.Dataset):
         sample.update(self.annotations.get((ep, t), {}))
         return sample
 
+    def instructions(self) -> list[str]:
+        """The distinct instructions of this split's episodes."""
+        return sorted({self._episode_lowdim(ep)[2] for ep in self.episodes})
+
     def action_chunks(self, limit: int = 20000) -> list[np.ndarray]:
         """Normalised action chunks (H, A) of up to `limit` evenly spread samples (what a FAST
         tokenizer is fitted on); no images are read."""

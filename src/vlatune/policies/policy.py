@@ -88,11 +88,6 @@ class VLAPolicy(nn.Module):
         `vlm_source`: a folder with the hf-vlm architecture (config, tokenizer, image
         processor) whose weights come from the policy's own file (loading a saved policy)."""
         super().__init__()
-        if cfg.backbone == "rdt":
-            raise ValueError(
-                "policy.backbone 'rdt' (SigLIP + T5 encoders) is not available in this version; "
-                "use 'hf-vlm' or 'tiny'"
-            )
         if cfg.head not in HEADS and cfg.head != "tokens":
             raise ValueError(
                 f"policy.head '{cfg.head}' is not available; choose one of {sorted(HEADS)} or tokens"
@@ -104,6 +99,15 @@ class VLAPolicy(nn.Module):
         self.action_tokenizer = None
         if cfg.backbone == "tiny":
             self.backbone = TinyBackbone(cfg.tiny, spec["cameras"], spec["image_size"], state_dim)
+        elif cfg.backbone == "rdt":
+            from vlatune.policies.rdt import RDTBackbone
+
+            if cfg.head not in ("diffusion", "flow"):
+                raise ValueError("policy.backbone 'rdt' feeds a diffusion or flow head")
+            self.backbone = RDTBackbone(
+                cfg, spec["cameras"], state_dim, source=vlm_source, text_dim=spec.get("text_dim")
+            )
+            self.spec["text_dim"] = self.backbone.text_dim
         else:
             from vlatune.policies.hf_vlm import HFVLMBackbone
             from vlatune.policies.token_head import action_vocab
@@ -155,6 +159,8 @@ class VLAPolicy(nn.Module):
             from vlatune.policies.hf_vlm import lora_targets
 
             targets = lora_targets(self.backbone, lora.target_modules)
+        elif self.cfg.backbone == "rdt":
+            targets = self.backbone.lora_target_names(lora.target_modules)
         elif lora.target_modules == "all-linear":
             targets = sorted(
                 name
@@ -178,6 +184,7 @@ class VLAPolicy(nn.Module):
             p.requires_grad_(
                 "lora_" in name
                 or name.startswith("state_proj.")
+                or (self.cfg.backbone == "rdt" and self.backbone.trained_under_lora(name))
                 or (train_embeddings and ("embed_tokens" in name or "lm_head" in name))
             )
 
@@ -241,8 +248,8 @@ class VLAPolicy(nn.Module):
         return [g for g in groups if g["params"]]
 
     def _vlm_folder(self) -> str | None:
-        """hf-vlm: a folder with the architecture (no weights) for rebuilding this policy."""
-        if self.cfg.backbone != "hf-vlm":
+        """hf-vlm / rdt: a folder with the architecture (no weights) for rebuilding this policy."""
+        if self.cfg.backbone == "tiny":
             return None
         import tempfile
 
@@ -252,6 +259,10 @@ class VLAPolicy(nn.Module):
 
     def _save_vlm(self, folder: Path) -> None:
         bb = self.backbone
+        if self.cfg.backbone == "rdt":
+            bb.vision.config.save_pretrained(folder)
+            bb.image_processor.save_pretrained(folder)
+            return
         bb.model.config.save_pretrained(folder)
         bb.tokenizer.save_pretrained(folder)
         bb.image_processor.save_pretrained(folder)
@@ -374,8 +385,12 @@ class VLAPolicy(nn.Module):
         return d
 
     # ------------------------------------------------------------------ save / load
+    def _base_prefix(self) -> str:
+        """State-dict prefix of the pretrained weights an adapter-only save leaves out."""
+        return "backbone.vision." if self.cfg.backbone == "rdt" else "backbone.model."
+
     def _adapter_only(self) -> bool:
-        return self.cfg.backbone == "hf-vlm" and self.cfg.lora is not None
+        return self.cfg.backbone != "tiny" and self.cfg.lora is not None
 
     def save(self, path: str | Path) -> Path:
         """The policy folder. An hf-vlm policy also gets `vlm/` (architecture config, tokenizer
@@ -392,7 +407,7 @@ class VLAPolicy(nn.Module):
                 state = {
                     k: v
                     for k, v in state.items()
-                    if k in trained or "lora_" in k or not k.startswith("backbone.model.")
+                    if k in trained or "lora_" in k or not k.startswith(self._base_prefix())
                 }
             state = _unshare(state)
             save_file(state, tmp / "model.safetensors", metadata={"format": FORMAT})
@@ -403,9 +418,11 @@ class VLAPolicy(nn.Module):
                 "conventions": self.conventions,
                 "weights": "adapter" if self._adapter_only() else "full",
             }
-            if self.cfg.backbone == "hf-vlm":
+            if self.cfg.backbone != "tiny":
                 config["base_model"] = self.cfg.model_id
                 self._save_vlm(tmp / "vlm")
+            if self.cfg.backbone == "rdt":
+                self.backbone.save_language(tmp / "language_embeddings.safetensors")
             if self.action_tokenizer is not None and hasattr(self.action_tokenizer, "save"):
                 self.action_tokenizer.save(tmp / "action_tokenizer")
             (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -454,14 +471,17 @@ class VLAPolicy(nn.Module):
             Normalizer.from_json(norm["action"]),
             Normalizer.from_json(norm["state"]) if "state" in norm else None,
             tokenizer,
-            vlm_source=str(path / "vlm") if pcfg.backbone == "hf-vlm" and not adapter else None,
+            vlm_source=str(path / "vlm") if pcfg.backbone != "tiny" and not adapter else None,
         )
+        if pcfg.backbone == "rdt":
+            policy.backbone.load_language(path / "language_embeddings.safetensors")
         state = load_file(path / "model.safetensors", device=device)
         missing, unexpected = policy.load_state_dict(state, strict=False)
         tied = _tied_keys(policy)
         missing = [k for k in missing if k not in tied]
         if adapter:  # the base model's weights came from policy.model_id
-            missing = [k for k in missing if not k.startswith("backbone.model.") or "lora_" in k]
+            base = policy._base_prefix()
+            missing = [k for k in missing if not k.startswith(base) or "lora_" in k]
         if missing or unexpected:
             raise ValueError(
                 f"{path / 'model.safetensors'}: weights do not match the config "

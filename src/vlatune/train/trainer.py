@@ -165,6 +165,18 @@ class Trainer:
             from vlatune.policies import build_policy
 
             policy = build_policy(self.cfg, stats, chunks=train_ds.action_chunks)
+        backbone = policy.backbone
+        if hasattr(backbone, "encode_texts") and self.cfg.policy.rdt.precompute_language:
+            texts = train_ds.instructions() + (val_ds.instructions() if val_ds else [])
+            n = backbone.encode_texts(texts)
+            backbone.release_text_encoder()
+            log.info(
+                "language embeddings: %d instructions (%d encoded, the rest cached in %s); "
+                "training without the text encoder",
+                len(set(texts)),
+                n,
+                backbone.cache_dir,
+            )
         return policy, train_ds, val_ds, split
 
     def _optimizer(self, policy):
