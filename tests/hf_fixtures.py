@@ -113,7 +113,9 @@ def _word_tokenizer(extra_specials: list[str]):
     vocab = {t: i for i, t in enumerate([*extra_specials, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="</s>"
+    )
 
 
 def tiny_t5_encoder(folder: Path, seed: int = 0) -> Path:

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from hf_fixtures import tiny_siglip_vision, tiny_t5_encoder
 from test_policies import CAMS, STATS, fixed_batch, observation
-
 from vlatune.config import Config
 from vlatune.policies import VLAPolicy, build_policy
 
@@ -92,7 +92,9 @@ def test_rdt_lora_on_the_vision_tower(encoders, tmp_path):
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert any(n.startswith("backbone.vision.") and "lora_" in n for n in trainable)
     assert not any(n.startswith("backbone.vision.") and "lora_" not in n for n in trainable)
-    assert "backbone.text_proj.weight" in trainable and any(n.startswith("head.") for n in trainable)
+    assert "backbone.text_proj.weight" in trainable and any(
+        n.startswith("head.") for n in trainable
+    )
     policy.save(tmp_path / "a")
     assert json.loads((tmp_path / "a" / "config.json").read_text())["weights"] == "adapter"
     again = VLAPolicy.from_pretrained(tmp_path / "a")

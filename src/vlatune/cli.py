@@ -728,6 +728,67 @@ def experiment(
 
 
 @cli.group()
+def annotate() -> None:
+    """Reasoning annotations for the NORA phases: ECoT text (and, later, flow tokens)."""
+
+
+@annotate.command("ecot")
+@_dataset_options
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--llm",
+    type=click.Choice(["rules"]),
+    default="rules",
+    show_default=True,
+    help="Annotator (rules: gripper-event phases + proprioceptive MOVE, no language model).",
+)
+@click.option("--window", default=4, show_default=True, type=int, help="MOVE: frames per window.")
+@click.option("--threshold", default=0.03, show_default=True, type=float, help="MOVE: threshold.")
+def annotate_ecot(path, fmt, mapping, out_file, llm, window, threshold):
+    """Per-frame TASK, PLAN, SUBTASK (+ reasons), MOVE for every episode of PATH, written as one
+    JSON file keyed by episode and frame (data.annotations of the NORA text_cot recipe)."""
+    from vlatune.data.annotations import write_annotations
+    from vlatune.reasoning.ecot import RULES_VERSION, annotate_dataset_rules, rules_prompt_hash
+    from vlatune.reasoning.primitives import PrimitiveParams
+
+    params = PrimitiveParams(window=window, threshold=threshold)
+    with _open(path, fmt, mapping) as ds:
+        bar, tick = _progress(len(ds), "annotating")
+        with bar:
+            frames = annotate_dataset_rules(ds, params=params, progress=lambda k, n: tick(k - 1))
+    write_annotations(
+        out_file,
+        frames,
+        annotator=llm,
+        model=None,
+        prompt_sha256=rules_prompt_hash(),
+        rules=RULES_VERSION,
+        params={"window": window, "threshold": threshold},
+        dataset=str(path),
+        omitted={
+            "VISIBLE OBJECTS": "needs object poses and a camera model (not in the rules annotator)",
+            "GRIPPER POSITION": "needs a camera model (not in the rules annotator)",
+        },
+    )
+    console.print(f"{len(frames)} frames annotated -> {out_file}")
+
+
+@annotate.command("show")
+@click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--dataset", required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--episode", required=True, type=int)
+@click.option("--frame", required=True, type=int)
+@click.option("--camera", default=None, help="Camera to show (default: the first).")
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+def annotate_show(annotations, dataset, episode, frame, camera, out_file):
+    """Render one annotated frame (upright) with its reasoning text beside it, as a PNG."""
+    from vlatune.reasoning.show import render_annotation
+
+    render_annotation(annotations, dataset, episode, frame, camera, out_file)
+    console.print(str(out_file))
+
+
+@cli.group()
 def runs() -> None:
     """Look at training runs."""
 

@@ -49,7 +49,12 @@ class RDTBackbone(nn.Module):
         come from a saved policy (None: load `policy.model_id` with its weights).
         `text_dim`: the T5 width when known (a saved policy), else read from its config."""
         super().__init__()
-        from transformers import AutoConfig, AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            SiglipVisionConfig,
+            SiglipVisionModel,
+        )
 
         r = cfg.rdt
         self.cfg, self.cameras, self.r = cfg, list(cameras), r
@@ -79,7 +84,9 @@ class RDTBackbone(nn.Module):
         self.text_dim = text_dim or self._text_config().d_model
         self.text_proj = nn.Linear(self.text_dim, d)
         self.state_proj = (
-            nn.Sequential(nn.Linear(state_dim, d), nn.GELU(), nn.Linear(d, d)) if state_dim else None
+            nn.Sequential(nn.Linear(state_dim, d), nn.GELU(), nn.Linear(d, d))
+            if state_dim
+            else None
         )
         self.vision.requires_grad_(False)
         self._text_encoder = None  # loaded on demand
@@ -151,7 +158,9 @@ class RDTBackbone(nn.Module):
                     self.cache_dir.mkdir(parents=True, exist_ok=True)
                     f = self.cache_dir / f"{self._key(t)}.safetensors"
                     tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-                    save_file({"embeddings": emb}, tmp, metadata={"text": t, "encoder": self.text_id})
+                    save_file(
+                        {"embeddings": emb}, tmp, metadata={"text": t, "encoder": self.text_id}
+                    )
                     tmp.replace(f)
         return len(todo)
 

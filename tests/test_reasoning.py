@@ -1,0 +1,156 @@
+"""ECoT annotations: movement primitives, the rules annotator, `vlatune annotate ecot / show`,
+and NORA phase B training on the written file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from data_fixtures import make_libero_hdf5
+from vlatune.data.annotations import load_annotations
+from vlatune.reasoning.ecot import annotate_episode_rules, parse_instruction, phases
+from vlatune.reasoning.primitives import movement_primitives
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def line(direction, T=12, step=0.01):
+    return np.cumsum(np.tile(np.asarray(direction, float) * step, (T, 1)), axis=0)
+
+
+@pytest.mark.parametrize(
+    "direction,name",
+    [
+        ((1, 0, 0), "move forward"),
+        ((-1, 0, 0), "move backward"),
+        ((0, 1, 0), "move left"),
+        ((0, -1, 0), "move right"),
+        ((0, 0, 1), "move up"),
+        ((0, 0, -1), "move down"),
+        ((1, 1, 1), "move forward left up"),
+        ((-1, -1, -1), "move backward right down"),
+    ],
+)
+def test_translation_primitives(direction, name):
+    moves = movement_primitives(line(direction), np.zeros(12, bool))
+    assert moves[0] == name and moves[5] == name
+    assert moves[-1] == "stop"  # the last frame has no future window
+
+
+def test_stop_gripper_and_rotation_primitives():
+    still = np.zeros((10, 3))
+    assert set(movement_primitives(still, np.zeros(10, bool))) == {"stop"}
+    closing = np.array([False] * 5 + [True] * 5)
+    moves = movement_primitives(still, closing)
+    assert moves[1] == "close gripper" and moves[0] == "stop" and moves[6] == "stop"
+    assert movement_primitives(still, ~closing)[3] == "open gripper"
+    # a small drift below the threshold of the episode's fastest motion is "stop"
+    drift = np.concatenate(
+        [line((1, 0, 0), 6, 0.02), line((1, 0, 0), 6, 0.02)[-1] + line((0, 1, 0), 6, 1e-5)]
+    )
+    assert movement_primitives(drift, np.zeros(12, bool))[7] == "stop"
+    # yaw about +z: counterclockwise seen from above; pitch about +y: tilt up
+    yaw = np.stack([np.zeros(10), np.zeros(10), np.linspace(0, 1.5, 10)], 1)
+    assert movement_primitives(still, np.zeros(10, bool), yaw)[0] == "rotate counterclockwise"
+    assert movement_primitives(still, np.zeros(10, bool), -yaw)[0] == "rotate clockwise"
+    pitch = yaw[:, [0, 2, 1]]
+    assert movement_primitives(still, np.zeros(10, bool), pitch)[0] == "tilt up"
+
+
+def test_instruction_parsing_and_phases():
+    o = parse_instruction("pick up the alphabet soup and place it in the basket")
+    assert (o.obj, o.prep, o.target) == ("the alphabet soup", "in", "the basket")
+    o = parse_instruction("put the bowl on the plate")
+    assert (o.obj, o.prep, o.target) == ("the bowl", "on", "the plate")
+    assert parse_instruction("turn on the stove").obj == "the object"
+    closed = np.array([0] * 3 + [1] * 12 + [0] * 10, bool)
+    p = phases(closed)
+    assert p[:3] == ["approach"] * 3 and p[3:11] == ["grasp"] * 8 and p[11:15] == ["carry"] * 4
+    assert p[15:23] == ["release"] * 8 and p[23:] == ["retreat"] * 2
+
+
+def test_rules_annotator_on_a_pick_and_place():
+    down, up = line((0, 0, -1), 10), line((0, 1, 1), 15)
+    pos = np.concatenate(
+        [down, down[-1] + np.zeros((10, 3)), down[-1] + up, down[-1] + up[-1] + np.zeros((10, 3))]
+    )
+    T = len(pos)
+    actions = np.zeros((T, 7))
+    actions[:, -1] = -1
+    actions[10:35, -1] = 1  # closed from frame 10 to 34
+    states = np.concatenate([pos, np.zeros((T, 5))], 1)
+    rows = annotate_episode_rules(
+        "pick up the cream cheese and place it in the basket", states, actions
+    )
+    assert len(rows) == T and list(rows[0]) == [
+        "TASK", "PLAN", "SUBTASK REASONING", "SUBTASK", "MOVE REASONING", "MOVE",
+    ]  # fmt: skip
+    assert rows[0]["SUBTASK"] == "reach the cream cheese" and rows[0]["MOVE"] == "move down"
+    assert rows[7]["MOVE"] == "move down, close gripper"
+    assert rows[12]["SUBTASK"] == "grasp the cream cheese"
+    assert rows[22]["SUBTASK"] == "carry the cream cheese to the basket"
+    assert rows[22]["MOVE"] == "move left up"
+    assert rows[36]["SUBTASK"] == "place the cream cheese in the basket"
+    assert "4. place the cream cheese in the basket" in rows[0]["PLAN"]
+
+
+def test_annotate_cli_show_and_nora_phase_b_training(tmp_path):
+    data = make_libero_hdf5(tmp_path / "data", demos=3, T=12, res=64)
+    out = tmp_path / "ecot.json"
+    r = run_cli("annotate", "ecot", str(data), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    assert (
+        doc["annotator"] == "rules"
+        and doc["prompt_sha256"]
+        and "GRIPPER POSITION" in doc["omitted"]
+    )
+    rows = load_annotations(out)
+    from vlatune.data import open_dataset
+
+    with open_dataset(data) as ds:
+        frames = sum(ds.episode_length(e) for e in range(len(ds)))
+        instruction = ds.load_episode(2, cameras=[]).instruction
+    assert len(rows) == frames and rows[(2, 11)]["reasoning"]["TASK"] == instruction
+    png = tmp_path / "show.png"
+    r = run_cli(
+        "annotate", "show", str(out), "--dataset", str(data), "--episode", "1", "--frame", "4",
+        "--out", str(png),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # NORA phase B reads the file: the CoT loss is trained and logged
+    from hf_fixtures import tiny_qwen2_5_vl
+    from vlatune.config import load_config
+    from vlatune.train.trainer import train
+
+    qwen = tiny_qwen2_5_vl(tmp_path / "qwen")
+    cfg = load_config(
+        ROOT / "configs/nora/text_cot.yaml",
+        [
+            f"data.path={data}", "data.format=auto", f"data.annotations={out}",
+            "data.image_size=56", "data.batch_size=2", "data.num_workers=0", "policy.reasoning.dropout=0.0",
+            f"policy.model_id={qwen}", "policy.dtype=float32", "policy.action_tokenizer_path=null",
+            "policy.fast_vocab=64", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
+            "train.val_every=null", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+        ],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(m.get("cot_loss", 0) > 0 and m.get("cot_fraction") == 1.0 for m in metrics)
+
+
+def test_bad_annotation_files_are_clear(tmp_path):
+    from vlatune.data.episode import DataError
+
+    bad = tmp_path / "a.json"
+    bad.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(DataError, match="format"):
+        load_annotations(bad)
+    bad.write_text(json.dumps({"format": "vlatune-annotations/1", "frames": [{"episode": 0}]}))
+    with pytest.raises(DataError, match="frames\\[0\\]"):
+        load_annotations(bad)
