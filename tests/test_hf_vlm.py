@@ -253,3 +253,20 @@ def test_unsupported_model_and_missing_folder_are_clear(qwen, tmp_path):
         make(tmp_path / "nowhere", "l1")
     with pytest.raises(ValueError, match="hf-vlm"):
         Config.model_validate({"policy": {"head": "tokens", "action_tokenizer": "bins"}})
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(qwen):
+    policy = make(qwen, "l1")
+    batch = fixed_batch(2)
+    policy.train()
+    torch.manual_seed(0)
+    policy(batch)["loss"].backward()
+    ref = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad()
+    assert policy.enable_gradient_checkpointing() == "on the VLM"
+    model = policy.backbone.model
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    torch.manual_seed(0)
+    policy(batch)["loss"].backward()
+    for n, g in ref.items():
+        torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4)

@@ -267,6 +267,27 @@ class VLAPolicy(nn.Module):
         bb.tokenizer.save_pretrained(folder)
         bb.image_processor.save_pretrained(folder)
 
+    def enable_gradient_checkpointing(self) -> str:
+        """Recompute activations in the backward pass (train.gradient_checkpointing). Applies to
+        the pretrained transformer of hf-vlm (and the trainable vision tower of rdt under LoRA);
+        the tiny backbone is small enough not to need it. Returns what was switched on."""
+
+        def enable(model) -> None:  # transformers 5 renamed it; 4.x has the old name only
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
+
+        if self.cfg.backbone == "hf-vlm":
+            enable(self.backbone.model)
+            return "on the VLM"
+        if self.cfg.backbone == "rdt" and self.cfg.lora is not None:
+            enable(self.backbone.vision)
+            return "on the vision tower"
+        return "not needed for this backbone (nothing to do)"
+
     def _state_input(self, batch: dict[str, Any]):
         return batch.get("state") if self.cfg.use_proprio else None
 

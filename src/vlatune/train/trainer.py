@@ -271,6 +271,9 @@ class Trainer:
             policy = VLAPolicy.from_pretrained(path / "policy")
             policy.train()
         policy, train_ds, val_ds, split = self._data(policy)
+        if self.cfg.train.gradient_checkpointing:
+            what = policy.enable_gradient_checkpointing()
+            log.info("gradient checkpointing: %s", what)
         optimizer, scheduler = self._optimizer(policy)
         step, micro = 0, 0
         if resume is not None:
