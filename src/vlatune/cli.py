@@ -773,6 +773,60 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, window, threshold):
     console.print(f"{len(frames)} frames annotated -> {out_file}")
 
 
+@annotate.command("flow")
+@_dataset_options
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--backend", type=click.Choice(["dis", "farneback", "raft"]), default="dis", show_default=True
+)
+@click.option("--camera", default=None, help="Main camera (default: the first).")
+@click.option(
+    "--k", "k", default=4, show_default=True, type=int, help="Flow from frame t to t + k."
+)
+@click.option("--size", default=64, show_default=True, type=int, help="Stored flow resolution.")
+def annotate_flow(path, fmt, mapping, out_dir, backend, camera, k, size):
+    """Dense optical flow of every frame of the main camera -> OUT/flows.h5."""
+    from vlatune.reasoning.flow import dataset_flows
+
+    try:
+        with _open(path, fmt, mapping) as ds:
+            bar, tick = _progress(len(ds), "flow")
+            with bar:
+                f = dataset_flows(
+                    ds, out_dir, camera=camera, k=k, size=size, backend=backend,
+                    progress=lambda i, n: tick(i - 1),
+                )  # fmt: skip
+    except ImportError as e:
+        raise click.ClickException(str(e)) from None
+    console.print(str(f))
+
+
+@annotate.command("flow-vq")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--codebook", default=512, show_default=True, type=int)
+@click.option("--steps", default=2000, show_default=True, type=int)
+@click.option("--batch", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+def annotate_flow_vq(source, out_dir, codebook, steps, batch, seed):
+    """Train the flow VQ-VAE on SOURCE (a `vlatune annotate flow` folder or flows.h5), report
+    reconstruction end-point error and codebook usage, and write every frame's codes as
+    OUT/flow_tokens.json (an annotation file), OUT/vq/ (the model), OUT/report.json and
+    OUT/flow_vq.png."""
+    from vlatune.reasoning.flow_tokens import run_flow_vq
+
+    report = run_flow_vq(
+        source, out_dir, codebook=codebook, steps=steps, batch=batch, seed=seed,
+        progress_factory=lambda n: _progress(n, "VQ-VAE"),
+    )  # fmt: skip
+    a = report["after"]
+    console.print(
+        f"EPE {report['before']['epe_px']} -> {a['epe_px']} px (zero flow: "
+        f"{report['zero_flow_epe_px']}), codebook usage {a['codebook_usage']:.0%}, perplexity "
+        f"{a['perplexity']}; tokens: {out_dir / 'flow_tokens.json'}"
+    )
+
+
 @annotate.command("show")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--dataset", required=True, type=click.Path(exists=True, path_type=Path))

@@ -65,9 +65,10 @@ class DataConfig(Strict):
     )
     min_cameras: int = Field(1, ge=1, description="never drop below this many cameras")
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    annotations: str | None = Field(
+    annotations: str | list[str] | None = Field(
         None,
-        description="per-frame reasoning / flow-token file (vlatune annotate) for the tokens head",
+        description="per-frame reasoning / flow-token file(s) (vlatune annotate), merged per "
+        "(episode, frame), for the tokens head",
     )
     cache_images: bool = Field(
         False, description="keep decoded frames in memory after first use (small datasets)"
@@ -299,12 +300,14 @@ class Config(Strict):
         for section, key in (("data", "path"), ("data", "annotations"), ("train", "output_dir")):
             obj = getattr(self, section)
             value = getattr(obj, key)
-            if isinstance(value, str) and "{" in value:
-                try:
+            try:
+                if isinstance(value, str) and "{" in value:
                     setattr(obj, key, value.format(**fill))
-                except (KeyError, IndexError, ValueError) as e:
-                    raise ValueError(
-                        f"{section}.{key} '{value}': only {{subset}} and {{suite}} can be filled "
-                        f"in ({e})"
-                    ) from None
+                elif isinstance(value, list) and any("{" in v for v in value):
+                    setattr(obj, key, [v.format(**fill) for v in value])
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"{section}.{key} '{value}': only {{subset}} and {{suite}} can be filled "
+                    f"in ({e})"
+                ) from None
         return self

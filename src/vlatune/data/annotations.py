@@ -23,7 +23,16 @@ from vlatune.data.episode import DataError
 FORMAT = "vlatune-annotations/1"
 
 
-def load_annotations(path: str | Path) -> dict[tuple[int, int], dict[str, Any]]:
+def load_annotations(
+    path: str | Path | list[str | Path],
+) -> dict[tuple[int, int], dict[str, Any]]:
+    """One file, or several merged per (episode, frame) (e.g. ECoT text + flow tokens)."""
+    if isinstance(path, list | tuple):
+        merged: dict[tuple[int, int], dict[str, Any]] = {}
+        for p in path:
+            for key, entry in load_annotations(p).items():
+                merged.setdefault(key, {}).update(entry)
+        return merged
     path = Path(path)
     if not path.is_file():
         raise DataError("annotation file not found (data.annotations)", file=path)
