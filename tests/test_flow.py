@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from conftest import run_cli
 from data_fixtures import make_libero_hdf5
-
 from vlatune.data.annotations import load_annotations
 from vlatune.reasoning.flow import compute_flow, flow_to_rgb, resize_flow
 from vlatune.reasoning.vq import VQConfig, train_flow_vq
@@ -111,7 +111,6 @@ def test_annotate_flow_cli_and_nora_phase_c(tmp_path):
     assert set(merged[(0, 3)]) == {"reasoning", "flow_tokens"}
     # NORA phase C: the tokens head trains on text + <flow_k> targets
     from hf_fixtures import tiny_qwen2_5_vl
-
     from vlatune.config import load_config
     from vlatune.train.trainer import train
 

@@ -154,3 +154,67 @@ def test_bad_annotation_files_are_clear(tmp_path):
     bad.write_text(json.dumps({"format": "vlatune-annotations/1", "frames": [{"episode": 0}]}))
     with pytest.raises(DataError, match="frames\\[0\\]"):
         load_annotations(bad)
+
+
+def good_reply(body: dict) -> str:
+    """A valid tagged reply for whatever episode the prompt describes."""
+    import re
+
+    prompt = body["messages"][-1]["content"]
+    T = int(re.search(r"has (\d+) frames", prompt).group(1))
+    half = T // 2
+    return (
+        "PLAN: 1. reach the object 2. move it\n"
+        f"SEGMENT 0-{half - 1}: SUBTASK: reach the object | SUBTASK REASONING: it is not held "
+        "| MOVE REASONING: to get closer\n"
+        f"SEGMENT {half}-{T - 1}: SUBTASK: move it | SUBTASK REASONING: it is held | MOVE "
+        "REASONING: to carry it\n"
+    )
+
+
+def test_openai_annotator_retries_caches_resumes_and_rejects_bad_replies(tmp_path):
+    from llm_server import ChatServer
+
+    data = make_libero_hdf5(tmp_path / "data", demos=2, T=12, res=32)
+    out = tmp_path / "ecot.json"
+    env = {"VLATUNE_LLM_API_KEY": "sk-test-secret", "VLATUNE_LLM_MODEL": "tiny-llm"}
+    # a malformed reply: clear error, nothing cached, no output file
+    with ChatServer([(200, "Sure! Here is the plan: reach, then grasp.")]) as srv:
+        r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
+                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+    assert r.returncode != 0 and "MalformedReply" in r.stderr and "PLAN" in r.stderr
+    assert not out.exists() and not list((tmp_path / "ecot.json.cache").glob("*.json"))
+    # a rate limit (429) then success: retried with back-off, every episode annotated
+    with ChatServer([(429, "slow down"), (200, good_reply)]) as srv:
+        r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
+                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+        n_requests = len(srv.requests)
+        assert all(a == "Bearer sk-test-secret" for a in srv.auth)
+    assert r.returncode == 0, r.stderr
+    assert "sk-test-secret" not in r.stdout + r.stderr
+    from vlatune.data import open_dataset
+
+    with open_dataset(data) as ds:
+        episodes = len(ds)
+    assert n_requests == episodes + 1  # one per episode, plus the refused one
+    doc = json.loads(out.read_text())
+    assert doc["annotator"] == "openai" and doc["model"] == "tiny-llm"
+    rows = load_annotations(out)
+    assert rows[(0, 0)]["reasoning"]["SUBTASK"] == "reach the object"
+    assert rows[(0, 11)]["reasoning"]["SUBTASK"] == "move it"
+    assert rows[(0, 0)]["reasoning"]["MOVE"]  # from proprioception, not the model
+    # resume: a second run is served from the cache, no request reaches the server
+    with ChatServer([(500, "should not be called")]) as srv:
+        r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
+                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+        assert srv.requests == []
+    assert r.returncode == 0, r.stderr
+
+
+def test_openai_annotator_needs_a_key_from_the_environment(tmp_path):
+    data = make_libero_hdf5(tmp_path / "data", demos=1, T=8, res=32)
+    env = {"VLATUNE_LLM_API_KEY": "", "OPENAI_API_KEY": "", "VLATUNE_LLM_MODEL": "m"}
+    r = run_cli(
+        "annotate", "ecot", str(data), "--out", str(tmp_path / "x.json"), "--llm", "openai", env=env
+    )
+    assert r.returncode != 0 and "VLATUNE_LLM_API_KEY" in r.stderr

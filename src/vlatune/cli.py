@@ -737,14 +737,23 @@ def annotate() -> None:
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--llm",
-    type=click.Choice(["rules"]),
+    type=click.Choice(["rules", "openai"]),
     default="rules",
     show_default=True,
-    help="Annotator (rules: gripper-event phases + proprioceptive MOVE, no language model).",
+    help="rules: gripper-event phases, no language model; openai: an OpenAI-compatible API "
+    "(VLATUNE_LLM_BASE_URL, VLATUNE_LLM_API_KEY from the environment).",
+)
+@click.option("--model", default=None, help="--llm openai: model name (or VLATUNE_LLM_MODEL).")
+@click.option(
+    "--cache",
+    "cache_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="--llm openai: reply cache (default: OUT.cache/); re-running asks only what is missing.",
 )
 @click.option("--window", default=4, show_default=True, type=int, help="MOVE: frames per window.")
 @click.option("--threshold", default=0.03, show_default=True, type=float, help="MOVE: threshold.")
-def annotate_ecot(path, fmt, mapping, out_file, llm, window, threshold):
+def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, window, threshold):
     """Per-frame TASK, PLAN, SUBTASK (+ reasons), MOVE for every episode of PATH, written as one
     JSON file keyed by episode and frame (data.annotations of the NORA text_cot recipe)."""
     from vlatune.data.annotations import write_annotations
@@ -752,22 +761,50 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, window, threshold):
     from vlatune.reasoning.primitives import PrimitiveParams
 
     params = PrimitiveParams(window=window, threshold=threshold)
-    with _open(path, fmt, mapping) as ds:
-        bar, tick = _progress(len(ds), "annotating")
-        with bar:
-            frames = annotate_dataset_rules(ds, params=params, progress=lambda k, n: tick(k - 1))
+    annotator = None
+    if llm == "openai":
+        from vlatune.reasoning.llm import LLMAnnotator
+
+        cache = cache_dir or out_file.with_name(out_file.name + ".cache")
+        try:
+            annotator = LLMAnnotator(model, cache, params=params)
+        except (ImportError, RuntimeError) as e:
+            raise click.ClickException(str(e)) from None
+    try:
+        with _open(path, fmt, mapping) as ds:
+            bar, tick = _progress(len(ds), "annotating")
+            with bar:
+                frames = annotate_dataset_rules(
+                    ds, params=params, progress=lambda k, n: tick(k - 1), annotator=annotator
+                )
+    except Exception as e:
+        if annotator is None:
+            raise
+        import openai
+
+        from vlatune.reasoning.llm import MalformedReply
+
+        if isinstance(e, MalformedReply | openai.OpenAIError):
+            raise click.ClickException(
+                f"{type(e).__name__}: {e} (episodes done so far are cached; re-run to resume)"
+            ) from None
+        raise
+    if annotator is not None:
+        console.print(
+            f"{annotator.requests} request(s) to {annotator.model}; the rest from the cache"
+        )
     write_annotations(
         out_file,
         frames,
         annotator=llm,
-        model=None,
-        prompt_sha256=rules_prompt_hash(),
-        rules=RULES_VERSION,
+        model=annotator.model if annotator else None,
+        prompt_sha256=annotator.prompt_hash if annotator else rules_prompt_hash(),
+        rules=RULES_VERSION if annotator is None else None,
         params={"window": window, "threshold": threshold},
         dataset=str(path),
         omitted={
-            "VISIBLE OBJECTS": "needs object poses and a camera model (not in the rules annotator)",
-            "GRIPPER POSITION": "needs a camera model (not in the rules annotator)",
+            "VISIBLE OBJECTS": "needs object poses and a camera model (not computed yet)",
+            "GRIPPER POSITION": "needs a camera model (not computed yet)",
         },
     )
     console.print(f"{len(frames)} frames annotated -> {out_file}")

@@ -174,9 +174,16 @@ def annotate_episode_rules(
 
 
 def annotate_dataset_rules(
-    reader, gripper: str = "auto", episodes: Sequence[int] | None = None, params=None, progress=None
+    reader,
+    gripper: str = "auto",
+    episodes: Sequence[int] | None = None,
+    params=None,
+    progress=None,
+    annotator=None,
 ) -> list[dict[str, Any]]:
-    """Rows (episode, frame, reasoning) for a dataset reader (`vlatune.data.open_dataset`)."""
+    """Rows (episode, frame, reasoning) for a dataset reader (`vlatune.data.open_dataset`), from
+    the rules or from `annotator` (an object with `annotate_episode(instruction, states,
+    actions)`, e.g. `vlatune.reasoning.llm.LLMAnnotator`)."""
     from vlatune.conventions import gripper_to_env
 
     convention = reader.info.gripper if gripper == "auto" else gripper
@@ -191,9 +198,12 @@ def annotate_dataset_rules(
             )
         actions = np.asarray(e.actions, dtype=np.float64).copy()
         actions[:, -1] = gripper_to_env(actions[:, -1], convention)
-        for t, tags in enumerate(
-            annotate_episode_rules(e.instruction, e.states, actions, params=params)
-        ):
+        rows = (
+            annotator.annotate_episode(e.instruction, e.states, actions)
+            if annotator is not None
+            else annotate_episode_rules(e.instruction, e.states, actions, params=params)
+        )
+        for t, tags in enumerate(rows):
             frames.append({"episode": ep, "frame": t, "reasoning": tags})
         if progress:
             progress(i + 1, len(todo))
