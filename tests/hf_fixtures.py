@@ -30,6 +30,100 @@ CORPUS = [
 ]
 
 
+def _bpe_tokenizer(specials: list[str], **named):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **named)
+
+
+def tiny_paligemma(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer PaliGemma (Gemma text, SigLIP vision on 32 px: 16 image tokens)."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    folder = Path(folder)
+    tokenizer = _bpe_tokenizer(
+        ["<pad>", "<eos>", "<bos>", "<image>"],
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+    )
+    ids = tokenizer.convert_tokens_to_ids
+    config = PaliGemmaConfig(
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "image_size": 32, "patch_size": 8, "projection_dim": 64,
+        },
+        text_config={
+            "model_type": "gemma", "vocab_size": len(tokenizer), "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 1, "head_dim": 16, "pad_token_id": ids("<pad>"),
+            "bos_token_id": ids("<bos>"), "eos_token_id": ids("<eos>"),
+        },
+        image_token_index=ids("<image>"),
+        projection_dim=64,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16
+    ip.save_pretrained(folder)
+    return folder
+
+
+def tiny_smolvlm(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer SmolVLM (Llama text, SigLIP vision on 32 px, pixel shuffle 2: 4 image tokens)."""
+    import torch
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    folder = Path(folder)
+    specials = [
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<end_of_utterance>",
+        "<fake_token_around_image>",
+        "<global-img>",
+        "<image>",
+    ]
+    tokenizer = _bpe_tokenizer(specials, pad_token="<|endoftext|>", eos_token="<end_of_utterance>")
+    ids = tokenizer.convert_tokens_to_ids
+    config = SmolVLMConfig(
+        vision_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "pad_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<end_of_utterance>"), "bos_token_id": ids("<|im_start|>"),
+        },
+        image_token_id=ids("<image>"),
+        scale_factor=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    SmolVLMForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    SmolVLMImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32}
+    ).save_pretrained(folder)
+    return folder
+
+
 def tiny_qwen2_5_vl(folder: Path, seed: int = 0, with_template: bool = True) -> Path:
     """A 2-layer Qwen2.5-VL (hidden 64, vision depth 2) with a small byte-level BPE tokenizer
     and the PIL image processor, saved like a hub folder."""

@@ -239,15 +239,15 @@ def test_chat_template_fallback_matches(qwen, tmp_path):
 
 
 def test_unsupported_model_and_missing_folder_are_clear(qwen, tmp_path):
-    from transformers import PaliGemmaConfig
+    from transformers import LlavaConfig
 
     other = tmp_path / "other"
     other.mkdir()
     for f in qwen.iterdir():
         if f.name != "model.safetensors":
             (other / f.name).write_bytes(f.read_bytes())
-    PaliGemmaConfig().save_pretrained(other)
-    with pytest.raises(ValueError, match="'paligemma' model.*supports model types"):
+    LlavaConfig().save_pretrained(other)
+    with pytest.raises(ValueError, match="'llava' model.*supports model types"):
         make(other, "l1")
     with pytest.raises(FileNotFoundError, match="policy.model_id"):
         make(tmp_path / "nowhere", "l1")
@@ -270,3 +270,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(qwen):
     policy(batch)["loss"].backward()
     for n, g in ref.items():
         torch.testing.assert_close(dict(policy.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["paligemma", "smolvlm"])
+def test_other_vlm_families(family, tmp_path):
+    """PaliGemma and SmolVLM: continuous and token heads train, generate and round-trip."""
+    from hf_fixtures import tiny_paligemma, tiny_smolvlm
+
+    folder = (tiny_paligemma if family == "paligemma" else tiny_smolvlm)(tmp_path / family)
+    obs, batch = two_obs_batch()
+    batch["image_mask"] = torch.tensor([[True, True], [True, False]])  # a dropped camera
+    policy = make(folder, "tokens", action_tokenizer="bins")
+    log = train(policy, batch, 60, lr=3e-3)
+    assert log[-1]["action_ce"] < 0.3 * log[0]["action_ce"]
+    pred = policy.predict(obs)
+    assert pred.shape == (2, 4, 7) and policy.head.decode_failures == 0
+    policy.save(tmp_path / "p")
+    np.testing.assert_array_equal(VLAPolicy.from_pretrained(tmp_path / "p").predict(obs), pred)
+    flow = make(folder, "flow")
+    log = train(flow, fixed_batch(4), 15, lr=3e-3)
+    assert log[-1]["loss"] < log[0]["loss"]

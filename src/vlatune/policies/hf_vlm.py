@@ -7,8 +7,11 @@ the prompt itself (the chat template of the family with one image per camera, th
 instruction) and expands the image placeholders as the model's processor would: transformers'
 `ProcessorMixin` refuses to build without torchvision's video processor, so it is not used.
 
-Supported families: Qwen2-VL and Qwen2.5-VL (NORA is a Qwen2.5-VL-3B). Others raise a clear
-error naming the supported `model_type`s.
+Supported families (`model_type`): Qwen2-VL / Qwen2.5-VL (NORA is a Qwen2.5-VL-3B), PaliGemma
+(pi0's backbone) and SmolVLM; the prompt formats are those of their processors (Qwen's chat
+template; PaliGemma's `<image>` x N + BOS + text + newline; SmolVLM's `User:` / `Assistant:`
+turns with `<fake_token_around_image><global-img><image> x N` per image, no image splitting).
+Others raise a clear error naming the supported types.
 
 Extra tokens, added to the vocabulary when the model lacks them (the embeddings are resized):
 - `<robot_action_k>`, k = 0..V-1: the action tokenizer's ids (FAST or bins), as in NORA;
@@ -39,7 +42,6 @@ ACTION_TOKEN = "<robot_action_{}>"
 FLOW_TOKEN = "<flow_{}>"
 STATE_TOKEN = "<|vlatune_state|>"
 QUERY_TOKEN = "<|vlatune_query|>"
-QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -60,12 +62,15 @@ class QwenPrompt:
         self.image_pad = "<|image_pad|>"
         self.merge = int(getattr(image_processor, "merge_size", 2))
 
-    def images(self, frames: list[np.ndarray]) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """uint8 HWC frames -> model inputs and image tokens per frame."""
+    def vision(self, per_sample: list[list[np.ndarray]]) -> tuple[dict, list[list[int]]]:
+        """uint8 HWC frames per sample -> model inputs and image tokens per frame."""
+        frames = [f for fs in per_sample for f in fs]
         enc = self.ip(images=frames, return_tensors="pt")
         grid = enc["image_grid_thw"]
-        counts = (grid.prod(-1) // self.merge**2).tolist()
-        return {"pixel_values": enc["pixel_values"], "image_grid_thw": grid}, counts
+        flat = (grid.prod(-1) // self.merge**2).tolist()
+        return {"pixel_values": enc["pixel_values"], "image_grid_thw": grid}, _split(
+            flat, per_sample
+        )
 
     def text(self, instruction: str, image_tokens: Sequence[int]) -> str:
         content = [{"type": "image"} for _ in image_tokens] + [
@@ -92,6 +97,67 @@ class QwenPrompt:
         for n, rest in zip(image_tokens, pieces[1:], strict=True):
             out += self.image_pad * n + rest
         return out
+
+
+def _split(flat: list[int], per_sample: list[list]) -> list[list[int]]:
+    out, k = [], 0
+    for fs in per_sample:
+        out.append(flat[k : k + len(fs)])
+        k += len(fs)
+    return out
+
+
+class PaliGemmaPrompt:
+    """PaliGemma: `<image>` x N per image, BOS, the instruction, a newline (its processor's)."""
+
+    eos = None
+
+    def __init__(self, tokenizer, image_processor, config):
+        self.tokenizer, self.ip = tokenizer, image_processor
+        self.n = int(config.text_config.num_image_tokens)
+        self.image = "<image>"
+
+    def vision(self, per_sample):
+        frames = [f for fs in per_sample for f in fs]
+        enc = self.ip(images=frames, return_tensors="pt")
+        return {"pixel_values": enc["pixel_values"]}, [[self.n] * len(fs) for fs in per_sample]
+
+    def text(self, instruction: str, image_tokens: Sequence[int]) -> str:
+        bos = self.tokenizer.bos_token or ""
+        return self.image * sum(image_tokens) + bos + instruction + "\n"
+
+
+class SmolVLMPrompt:
+    """SmolVLM: one global image block per camera (no splitting), User / Assistant turns."""
+
+    eos = "<end_of_utterance>"
+
+    def __init__(self, tokenizer, image_processor, config):
+        self.tokenizer, self.ip = tokenizer, image_processor
+        v = config.vision_config
+        self.n = int(((v.image_size // v.patch_size) ** 2) / (config.scale_factor**2))
+
+    def vision(self, per_sample):
+        enc = self.ip(images=per_sample, do_image_splitting=False, return_tensors="pt")
+        inputs = {"pixel_values": enc["pixel_values"]}
+        if "pixel_attention_mask" in enc:
+            inputs["pixel_attention_mask"] = enc["pixel_attention_mask"]
+        return inputs, [[self.n] * len(fs) for fs in per_sample]
+
+    def text(self, instruction: str, image_tokens: Sequence[int]) -> str:
+        block = "".join(
+            "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>"
+            for n in image_tokens
+        )
+        return f"<|im_start|>User:{block}{instruction}<end_of_utterance>\nAssistant:"
+
+
+PROMPTS = {
+    "qwen2_vl": lambda tok, ip, cfg: QwenPrompt(tok, ip),
+    "qwen2_5_vl": lambda tok, ip, cfg: QwenPrompt(tok, ip),
+    "paligemma": PaliGemmaPrompt,
+    "smolvlm": SmolVLMPrompt,
+}
 
 
 class HFVLMBackbone(nn.Module):
@@ -127,16 +193,16 @@ class HFVLMBackbone(nn.Module):
                 "config.json, the tokenizer and preprocessor_config.json, or make the hub "
                 "reachable (and unset HF_HUB_OFFLINE)."
             ) from None
-        if config.model_type not in QWEN_TYPES:
+        if config.model_type not in PROMPTS:
             raise ValueError(
                 f"policy.model_id {model_id!r} is a '{config.model_type}' model; the hf-vlm "
-                f"backbone supports model types {list(QWEN_TYPES)} in this version"
+                f"backbone supports model types {sorted(PROMPTS)} in this version"
             )
         if weights:
             self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype)
         else:
             self.model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
-        self.prompt = QwenPrompt(self.tokenizer, self.image_processor)
+        self.prompt = PROMPTS[config.model_type](self.tokenizer, self.image_processor, config)
         new = [STATE_TOKEN, QUERY_TOKEN]
         new += [ACTION_TOKEN.format(k) for k in range(action_vocab)]
         new += [FLOW_TOKEN.format(k) for k in range(flow_vocab)]
@@ -160,7 +226,8 @@ class HFVLMBackbone(nn.Module):
             persistent=False,
         )
         self.flow_ids = [ids(FLOW_TOKEN.format(k)) for k in range(flow_vocab)]
-        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        end = getattr(self.prompt, "eos", "<|im_end|>")
+        self.eos_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
         if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
             self.eos_id = self.tokenizer.eos_token_id
         self.pad_id = (
@@ -202,18 +269,16 @@ class HFVLMBackbone(nn.Module):
         the targets (-100 elsewhere). A dropped camera (image_mask False) is left out of that
         sample's prompt."""
         B = len(instructions)
-        frames, per_sample = [], []
+        per_sample = []
         for b in range(B):
             present = [c for i, c in enumerate(self.cameras) if bool(image_mask[b, i])]
-            per_sample.append(len(present))
-            for cam in present:
-                frames.append(images[cam][b].permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-        vision, counts = self.prompt.images(frames)
-        rows, labels, k = [], [], 0
+            per_sample.append(
+                [images[c][b].permute(1, 2, 0).cpu().numpy().astype(np.uint8) for c in present]
+            )
+        vision, counts = self.prompt.vision(per_sample)
+        rows, labels = [], []
         for b in range(B):
-            n = per_sample[b]
-            text = self.prompt.text(instructions[b], counts[k : k + n])
-            k += n
+            text = self.prompt.text(instructions[b], counts[b])
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             ids = ids + [self.state_id] * n_state + [self.query_id] * n_queries
             tgt = list(targets[b]) if targets is not None else []
@@ -230,6 +295,11 @@ class HFVLMBackbone(nn.Module):
         device = self.model.device
         vision = {k: v.to(device) for k, v in vision.items()}
         vision["pixel_values"] = vision["pixel_values"].to(self.model.dtype)
+        if self.model.config.model_type == "paligemma":  # its prefix-LM mask: 0 = prompt
+            tt = torch.zeros(B, L, dtype=torch.long)
+            for b, r in enumerate(rows):  # the targets start after the -100 (prompt) labels
+                tt[b, L - len(r) + sum(x == -100 for x in labels[b]) :] = 1
+            vision["token_type_ids"] = tt.to(device)
         return {
             "input_ids": input_ids.to(device),
             "attention_mask": attn.to(device),
