@@ -97,6 +97,8 @@ class TinyConfig(Strict):
     layers: int = Field(3, gt=0)
     heads: int = Field(4, gt=0)
     tokens_per_side: int = Field(4, gt=0, description="image tokens per camera: this squared")
+    width: int = Field(32, gt=0, description="channels of the first conv layer (then x2, x4)")
+    keypoints: int = Field(0, ge=0, description="spatial-softmax keypoints per camera (0: none)")
     film: bool = Field(False, description="FiLM the image features on the instruction")
     vocab: int = Field(4096, gt=0, description="hashed word buckets")
     max_words: int = Field(24, gt=0)

@@ -1,7 +1,8 @@
 """`tiny`: a from-scratch vision-language-state encoder that trains on a CPU in minutes.
 
-Per camera a small conv net (shared weights, GroupNorm, stride 16 in total) pooled to
-`tokens_per_side`^2 image tokens, plus learned position and camera embeddings; the instruction as
+Per camera a small conv net (shared weights, GroupNorm, stride 16 in total, first layer
+`width` channels) pooled to `tokens_per_side`^2 image tokens, plus learned position and camera
+embeddings, and optionally one token of spatial-softmax keypoint coordinates; the instruction as
 hashed word embeddings (no tokenizer download: a word's bucket is crc32(word) % vocab); the
 proprio state as one token (the proprio projector); optional FiLM of the image features on the
 mean word embedding. A bidirectional transformer encoder runs over
@@ -55,12 +56,17 @@ def _conv(cin: int, cout: int, k: int) -> nn.Sequential:
 
 
 class ConvEncoder(nn.Module):
-    """uint8-range image (B, 3, S, S) -> feature map (B, dim, S/16, S/16)."""
+    """uint8-range image (B, 3, S, S) -> feature map (B, dim, S/16, S/16), and with
+    `keypoints` > 0 also spatial-softmax keypoints of the S/8 map (B, keypoints, 2), the
+    expected image coordinates in [-1, 1] of each of `keypoints` learned feature maps (as in
+    Levine et al.'s visuomotor policies and robomimic): explicit positions for the action head."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, width: int = 32, keypoints: int = 0):
         super().__init__()
-        self.stem = nn.Sequential(_conv(3, 32, 5), _conv(32, 64, 3), _conv(64, 128, 3))
-        self.last = nn.Conv2d(128, dim, 3, stride=2, padding=1)
+        w = width
+        self.stem = nn.Sequential(_conv(3, w, 5), _conv(w, 2 * w, 3), _conv(2 * w, 4 * w, 3))
+        self.last = nn.Conv2d(4 * w, dim, 3, stride=2, padding=1)
+        self.keypoints = nn.Conv2d(4 * w, keypoints, 1) if keypoints else None
         self.norm = nn.GroupNorm(8, dim)
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -69,11 +75,20 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, film: tuple[torch.Tensor, torch.Tensor] | None = None):
         x = (x.float() - self.mean) / self.std
-        x = self.norm(self.last(self.stem(x)))
+        mid = self.stem(x)
+        x = self.norm(self.last(mid))
         if film is not None:
             gamma, beta = film
             x = x * (1 + gamma[:, :, None, None]) + beta[:, :, None, None]
-        return nn.functional.gelu(x)
+        return nn.functional.gelu(x), (self._spatial_softmax(mid) if self.keypoints else None)
+
+    def _spatial_softmax(self, fmap: torch.Tensor) -> torch.Tensor:
+        k = self.keypoints(fmap)  # (B, K, h, w)
+        B, K, h, w = k.shape
+        attn = k.flatten(2).softmax(-1).view(B, K, h, w)
+        ys = torch.linspace(-1, 1, h, device=k.device)
+        xs = torch.linspace(-1, 1, w, device=k.device)
+        return torch.stack([(attn.sum(2) * xs).sum(-1), (attn.sum(3) * ys).sum(-1)], -1)
 
 
 @dataclass
@@ -90,7 +105,12 @@ class TinyBackbone(nn.Module):
         self.cfg, self.cameras = cfg, list(cameras)
         d = cfg.dim
         self.dim = d
-        self.conv = ConvEncoder(d)
+        self.conv = ConvEncoder(d, cfg.width, cfg.keypoints)
+        self.keypoint_proj = (
+            nn.Sequential(nn.Linear(2 * cfg.keypoints, d), nn.GELU(), nn.Linear(d, d))
+            if cfg.keypoints
+            else None
+        )
         side = cfg.tokens_per_side
         if image_size // 16 < side:
             raise ValueError(
@@ -143,8 +163,10 @@ class TinyBackbone(nn.Module):
         stacked = torch.cat([images[c] for c in self.cameras], 0)
         if film is not None:
             film = tuple(f.repeat(len(self.cameras), 1) for f in film)
-        fmap = self.pool(self.conv(stacked, film))  # (C*B, d, s, s)
-        tok = fmap.flatten(2).transpose(1, 2) + self.image_pos  # (C*B, s*s, d)
+        fmap, points = self.conv(stacked, film)
+        tok = self.pool(fmap).flatten(2).transpose(1, 2) + self.image_pos  # (C*B, s*s, d)
+        if points is not None:  # one more token per camera: its keypoint coordinates
+            tok = torch.cat([tok, self.keypoint_proj(points.flatten(1))[:, None]], 1)
         tok = tok.view(len(self.cameras), B, -1, self.dim) + self.camera_embed[:, None, None]
         n_img = tok.shape[2]
         image_tokens = tok.permute(1, 0, 2, 3).reshape(B, -1, self.dim)
