@@ -751,9 +751,17 @@ def annotate() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="--llm openai: reply cache (default: OUT.cache/); re-running asks only what is missing.",
 )
+@click.option(
+    "--geometry",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="GRIPPER POSITION and VISIBLE OBJECTS through the LIBERO simulator's camera (LIBERO "
+    "HDF5 with per-frame MuJoCo states; auto: when the data and the simulator allow it).",
+)
 @click.option("--window", default=4, show_default=True, type=int, help="MOVE: frames per window.")
 @click.option("--threshold", default=0.03, show_default=True, type=float, help="MOVE: threshold.")
-def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, window, threshold):
+def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, geometry, window, threshold):
     """Per-frame TASK, PLAN, SUBTASK (+ reasons), MOVE for every episode of PATH, written as one
     JSON file keyed by episode and frame (data.annotations of the NORA text_cot recipe)."""
     from vlatune.data.annotations import write_annotations
@@ -770,12 +778,18 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, window, t
             annotator = LLMAnnotator(model, cache, params=params)
         except (ImportError, RuntimeError) as e:
             raise click.ClickException(str(e)) from None
+    geo = None
     try:
         with _open(path, fmt, mapping) as ds:
+            geo = _libero_geometry(ds, geometry)
             bar, tick = _progress(len(ds), "annotating")
             with bar:
                 frames = annotate_dataset_rules(
-                    ds, params=params, progress=lambda k, n: tick(k - 1), annotator=annotator
+                    ds,
+                    params=params,
+                    progress=lambda k, n: tick(k - 1),
+                    annotator=annotator,
+                    geometry=geo,
                 )
     except Exception as e:
         if annotator is None:
@@ -802,12 +816,40 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, window, t
         rules=RULES_VERSION if annotator is None else None,
         params={"window": window, "threshold": threshold},
         dataset=str(path),
-        omitted={
-            "VISIBLE OBJECTS": "needs object poses and a camera model (not computed yet)",
-            "GRIPPER POSITION": "needs a camera model (not computed yet)",
+        geometry="LIBERO simulator camera (agentview, upright pixels)" if geo else None,
+        omitted={}
+        if geo
+        else {
+            "VISIBLE OBJECTS": "needs object poses and a camera model: LIBERO HDF5 with per-frame "
+            "MuJoCo states and the simulator (--geometry on)",
+            "GRIPPER POSITION": "needs a camera model (as above)",
         },
     )
+    if geo is not None:
+        geo.close()
     console.print(f"{len(frames)} frames annotated -> {out_file}")
+
+
+def _libero_geometry(ds, mode: str):
+    """The LIBERO camera geometry for `annotate ecot`, or None (said once when auto skips it)."""
+    if mode == "off":
+        return None
+    reason = None
+    if ds.info.format != "libero_hdf5" or "states" not in ds.info.features:
+        reason = "the dataset is not LIBERO HDF5 with per-frame MuJoCo states"
+    else:
+        try:
+            from vlatune.sim.camera import dataset_geometry
+            from vlatune.sim.setup import import_libero
+
+            import_libero()
+            return dataset_geometry(ds)
+        except Exception as e:  # LIBERO missing or not set up
+            reason = f"the LIBERO simulator is unavailable ({type(e).__name__}: {e})"
+    if mode == "on":
+        raise click.ClickException(f"--geometry on: {reason}")
+    err_console.print(f"GRIPPER POSITION / VISIBLE OBJECTS omitted: {reason}")
+    return None
 
 
 @annotate.command("flow")

@@ -126,13 +126,11 @@ def annotate_episode_rules(
     actions: np.ndarray,
     gripper_dim: int = -1,
     params: PrimitiveParams | None = None,
-    projector: Callable[[int, np.ndarray], dict[str, Any]] | None = None,
 ) -> list[dict[str, str]]:
     """Reasoning tags for every frame of one episode.
 
     states (T, >= 3): end-effector position first (LIBERO's 8-d state: pos, axis-angle, gripper);
-    actions (T, A) in the env gripper convention (+1 close). `projector(t, eef_positions)` may
-    return {"gripper": [[u, v], ...], "objects": {name: [x0, y0, x1, y1]}} in pixels."""
+    actions (T, A) in the env gripper convention (+1 close)."""
     states = np.asarray(states, dtype=np.float64)
     actions = np.asarray(actions, dtype=np.float64)
     if states.ndim != 2 or states.shape[1] < 3:
@@ -161,16 +159,24 @@ def annotate_episode_rules(
             "MOVE REASONING": move_why,
             "MOVE": moves[t],
         }
-        if projector is not None:
-            seen = projector(t, states[t : min(t + 5, T), :3])
-            if seen.get("objects"):
-                row["VISIBLE OBJECTS"] = ", ".join(
-                    f"{name} {list(map(int, box))}" for name, box in seen["objects"].items()
-                )
-            if seen.get("gripper") is not None:
-                row["GRIPPER POSITION"] = str([[int(u), int(v)] for u, v in seen["gripper"]])
         rows.append({k: row[k] for k in TAGS if k in row})
     return rows
+
+
+def add_geometry(rows: list[dict[str, str]], seen: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Fill VISIBLE OBJECTS ("name [u0, v0, u1, v1], ...") and GRIPPER POSITION ("[[u, v], ...]",
+    the next frames) from per-frame geometry, keeping the tag order."""
+    out = []
+    for row, g in zip(rows, seen, strict=True):
+        row = dict(row)
+        if g.get("objects"):
+            row["VISIBLE OBJECTS"] = ", ".join(
+                f"{n} {list(map(int, b))}" for n, b in g["objects"].items()
+            )
+        if g.get("gripper"):
+            row["GRIPPER POSITION"] = str([[int(u), int(v)] for u, v in g["gripper"]])
+        out.append({k: row[k] for k in TAGS if k in row})
+    return out
 
 
 def annotate_dataset_rules(
@@ -180,10 +186,12 @@ def annotate_dataset_rules(
     params=None,
     progress=None,
     annotator=None,
+    geometry: Callable[[Any], list[dict[str, Any]] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Rows (episode, frame, reasoning) for a dataset reader (`vlatune.data.open_dataset`), from
     the rules or from `annotator` (an object with `annotate_episode(instruction, states,
-    actions)`, e.g. `vlatune.reasoning.llm.LLMAnnotator`)."""
+    actions)`, e.g. `vlatune.reasoning.llm.LLMAnnotator`). `geometry(episode)` may return per
+    frame {"gripper": [[u, v], ...], "objects": {name: box}} (LIBERO: `LiberoGeometry`)."""
     from vlatune.conventions import gripper_to_env
 
     convention = reader.info.gripper if gripper == "auto" else gripper
@@ -203,6 +211,9 @@ def annotate_dataset_rules(
             if annotator is not None
             else annotate_episode_rules(e.instruction, e.states, actions, params=params)
         )
+        seen = geometry(e) if geometry is not None else None
+        if seen is not None:
+            rows = add_geometry(rows, seen)
         for t, tags in enumerate(rows):
             frames.append({"episode": ep, "frame": t, "reasoning": tags})
         if progress:
