@@ -124,7 +124,9 @@ def tiny_smolvlm(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_qwen2_5_vl(folder: Path, seed: int = 0, with_template: bool = True) -> Path:
+def tiny_qwen2_5_vl(
+    folder: Path, seed: int = 0, with_template: bool = True, hidden: int = 64, layers: int = 2
+) -> Path:
     """A 2-layer Qwen2.5-VL (hidden 64, vision depth 2) with a small byte-level BPE tokenizer
     and the PIL image processor, saved like a hub folder."""
     import torch
@@ -162,9 +164,9 @@ def tiny_qwen2_5_vl(folder: Path, seed: int = 0, with_template: bool = True) -> 
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
@@ -175,11 +177,11 @@ def tiny_qwen2_5_vl(folder: Path, seed: int = 0, with_template: bool = True) -> 
             "pad_token_id": ids("<|endoftext|>"),
         },
         vision_config={
-            "depth": 2,
-            "hidden_size": 64,
-            "intermediate_size": 128,
+            "depth": layers,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
             "num_heads": 4,
-            "out_hidden_size": 64,
+            "out_hidden_size": hidden,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -212,7 +214,7 @@ def _word_tokenizer(extra_specials: list[str]):
     )
 
 
-def tiny_t5_encoder(folder: Path, seed: int = 0) -> Path:
+def tiny_t5_encoder(folder: Path, seed: int = 0, d_model: int = 32, layers: int = 1) -> Path:
     """A 1-layer T5 encoder (d_model 32) with a word-level tokenizer."""
     import torch
     from transformers import T5Config, T5EncoderModel
@@ -220,7 +222,8 @@ def tiny_t5_encoder(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tokenizer = _word_tokenizer(["<pad>", "</s>", "<unk>"])
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 4, d_ff=2 * d_model,
+        num_layers=layers, num_heads=4,
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     )  # fmt: skip
     torch.manual_seed(seed)
@@ -229,7 +232,9 @@ def tiny_t5_encoder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def tiny_siglip_vision(folder: Path, seed: int = 0) -> Path:
+def tiny_siglip_vision(
+    folder: Path, seed: int = 0, hidden: int = 32, layers: int = 1, image_size: int = 32
+) -> Path:
     """A 1-layer SigLIP vision tower on 32 px images (patch 8: 16 tokens) and its PIL processor."""
     import torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
@@ -237,10 +242,12 @@ def tiny_siglip_vision(folder: Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     config = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        image_size=32, patch_size=8,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, image_size=image_size, patch_size=8,
     )  # fmt: skip
     torch.manual_seed(seed)
     SiglipVisionModel(config).save_pretrained(folder)
-    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    SiglipImageProcessorPil(size={"height": image_size, "width": image_size}).save_pretrained(
+        folder
+    )
     return folder

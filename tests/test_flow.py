@@ -101,6 +101,14 @@ def test_annotate_flow_cli_and_nora_phase_c(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "codebook usage" in r.stdout
     assert (tok_dir / "flow_vq.png").read_bytes()[:4] == b"\x89PNG"
+    # a dataset as the source: its flows are computed first; the picture shows the frames too
+    r = run_cli("annotate", "flow-vq", str(data), "--out", str(tmp_path / "direct"),
+                "--codebook", "8", "--steps", "5", "--batch", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "direct" / "flows" / "flows.h5").is_file()
+    from vlatune.reasoning.flow import flows_source
+
+    assert flows_source(tmp_path / "direct" / "flows")[0] == str(data.resolve())
     report = json.loads((tok_dir / "report.json").read_text())
     assert report["codebook"] == 16 and "epe_px" in report["after"]
     rows = load_annotations(tok_dir / "flow_tokens.json")

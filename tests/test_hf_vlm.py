@@ -290,3 +290,35 @@ def test_other_vlm_families(family, tmp_path):
     flow = make(folder, "flow")
     log = train(flow, fixed_batch(4), 15, lr=3e-3)
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+@pytest.mark.parametrize("family", ["qwen", "paligemma"])
+def test_film_conditions_the_vision_tower_on_the_instruction(qwen, family, tmp_path):
+    """OFT's FiLM: zero-initialised (the tower is unchanged at first); once trained, the same
+    images give different vision features under different instructions; it round-trips."""
+    from hf_fixtures import tiny_paligemma
+
+    folder = qwen if family == "qwen" else tiny_paligemma(tmp_path / "pg")
+    policy = make(folder, "l1", film=True)
+    plain = make(folder, "l1")
+    missing, _ = policy.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("backbone.film.") for k in missing)
+    batch = fixed_batch(2)
+    torch.manual_seed(0)
+    assert torch.allclose(policy(batch)["loss"], plain(batch)["loss"], atol=1e-6)
+    train(policy, batch, 5, lr=1e-2)
+    blocks, _ = policy.backbone._vision_blocks()
+    seen = []
+    blocks[-1].register_forward_hook(
+        lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+    )
+    policy.eval()
+    with torch.no_grad():
+        for instruction in ("put the bowl on the plate", "open the top drawer of the cabinet"):
+            policy(dict(batch, instruction=[instruction] * 2))
+    assert seen[0].shape == seen[1].shape and not torch.allclose(seen[0], seen[1])
+    obs = observation(0)
+    policy.save(tmp_path / "p")
+    np.testing.assert_allclose(
+        VLAPolicy.from_pretrained(tmp_path / "p").predict(obs), policy.predict(obs), atol=1e-6
+    )

@@ -218,3 +218,24 @@ def test_openai_annotator_needs_a_key_from_the_environment(tmp_path):
         "annotate", "ecot", str(data), "--out", str(tmp_path / "x.json"), "--llm", "openai", env=env
     )
     assert r.returncode != 0 and "VLATUNE_LLM_API_KEY" in r.stderr
+
+
+def test_gripper_position_from_a_user_camera_matrix(tmp_path):
+    data = make_libero_hdf5(tmp_path / "data", demos=1, T=8, res=32)
+    cam = tmp_path / "cam.json"
+    # u = 100 x + 10, v = 100 y + 20 (an orthographic camera, for a checkable projection)
+    cam.write_text(json.dumps({"matrix": [[100, 0, 0, 10], [0, 100, 0, 20], [0, 0, 0, 1]]}))
+    out = tmp_path / "ecot.json"
+    r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--camera-matrix", str(cam))
+    assert r.returncode == 0, r.stderr
+    from vlatune.data import open_dataset
+
+    with open_dataset(data) as ds:
+        s = ds.load_episode(0, cameras=[]).states
+    doc = json.loads(out.read_text())
+    first = json.loads(doc["frames"][0]["reasoning"]["GRIPPER POSITION"])
+    assert first == [[round(100 * s[t, 0] + 10), round(100 * s[t, 1] + 20)] for t in range(5)]
+    assert "VISIBLE OBJECTS" in doc["omitted"] and "GRIPPER POSITION" not in doc["omitted"]
+    cam.write_text(json.dumps({"matrix": [[1, 0, 0]]}))
+    r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--camera-matrix", str(cam))
+    assert r.returncode != 0 and "3x4" in r.stderr

@@ -759,9 +759,18 @@ def annotate() -> None:
     help="GRIPPER POSITION and VISIBLE OBJECTS through the LIBERO simulator's camera (LIBERO "
     "HDF5 with per-frame MuJoCo states; auto: when the data and the simulator allow it).",
 )
+@click.option(
+    "--camera-matrix",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help='Other datasets: JSON {"matrix": 3x4 world-to-pixel projection} for GRIPPER '
+    "POSITION from state[:3] (pixels u right, v down, of the frames as stored upright).",
+)
 @click.option("--window", default=4, show_default=True, type=int, help="MOVE: frames per window.")
 @click.option("--threshold", default=0.03, show_default=True, type=float, help="MOVE: threshold.")
-def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, geometry, window, threshold):
+def annotate_ecot(
+    path, fmt, mapping, out_file, llm, model, cache_dir, geometry, camera_matrix, window, threshold
+):
     """Per-frame TASK, PLAN, SUBTASK (+ reasons), MOVE for every episode of PATH, written as one
     JSON file keyed by episode and frame (data.annotations of the NORA text_cot recipe)."""
     from vlatune.data.annotations import write_annotations
@@ -781,7 +790,9 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, geometry,
     geo = None
     try:
         with _open(path, fmt, mapping) as ds:
-            geo = _libero_geometry(ds, geometry)
+            geo = (
+                _matrix_geometry(camera_matrix) if camera_matrix else _libero_geometry(ds, geometry)
+            )
             bar, tick = _progress(len(ds), "annotating")
             with bar:
                 frames = annotate_dataset_rules(
@@ -816,8 +827,16 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, geometry,
         rules=RULES_VERSION if annotator is None else None,
         params={"window": window, "threshold": threshold},
         dataset=str(path),
-        geometry="LIBERO simulator camera (agentview, upright pixels)" if geo else None,
-        omitted={}
+        geometry=(
+            f"camera matrix {camera_matrix}"
+            if camera_matrix
+            else "LIBERO simulator camera (agentview, upright pixels)"
+        )
+        if geo
+        else None,
+        omitted={"VISIBLE OBJECTS": "needs object poses (LIBERO only)"}
+        if camera_matrix
+        else {}
         if geo
         else {
             "VISIBLE OBJECTS": "needs object poses and a camera model: LIBERO HDF5 with per-frame "
@@ -828,6 +847,29 @@ def annotate_ecot(path, fmt, mapping, out_file, llm, model, cache_dir, geometry,
     if geo is not None:
         geo.close()
     console.print(f"{len(frames)} frames annotated -> {out_file}")
+
+
+def _matrix_geometry(path: Path):
+    """GRIPPER POSITION from a user's 3x4 projection matrix and the states' first 3 values."""
+    import numpy as np
+
+    try:
+        m = np.asarray(json.loads(path.read_text())["matrix"], dtype=np.float64)
+    except (KeyError, ValueError, TypeError) as e:
+        raise click.ClickException(f'{path}: expected {{"matrix": 3x4 numbers}} ({e})') from None
+    if m.shape != (3, 4):
+        raise click.ClickException(f"{path}: 'matrix' must be 3x4, got {m.shape}")
+
+    def geometry(episode):
+        if episode.states is None:
+            return None
+        pts = np.asarray(episode.states, dtype=np.float64)[:, :3]
+        hom = np.concatenate([pts, np.ones((len(pts), 1))], 1) @ m.T
+        uv = np.rint(hom[:, :2] / hom[:, 2:3]).astype(int)
+        return [{"gripper": uv[t : t + 5].tolist()} for t in range(len(pts))]
+
+    geometry.close = lambda: None
+    return geometry
 
 
 def _libero_geometry(ds, mode: str):
@@ -888,7 +930,8 @@ def annotate_flow(path, fmt, mapping, out_dir, backend, camera, k, size):
 @click.option("--batch", default=64, show_default=True, type=int)
 @click.option("--seed", default=0, show_default=True, type=int)
 def annotate_flow_vq(source, out_dir, codebook, steps, batch, seed):
-    """Train the flow VQ-VAE on SOURCE (a `vlatune annotate flow` folder or flows.h5), report
+    """Train the flow VQ-VAE on SOURCE (a `vlatune annotate flow` folder or flows.h5, or a
+    dataset, whose flows are computed first with the defaults into OUT/flows), report
     reconstruction end-point error and codebook usage, and write every frame's codes as
     OUT/flow_tokens.json (an annotation file), OUT/vq/ (the model), OUT/report.json and
     OUT/flow_vq.png."""

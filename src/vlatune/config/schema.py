@@ -191,6 +191,11 @@ class PolicyConfig(Strict):
         description="tokens head: env-unit action used when a generated sequence does not decode "
         "(None: zeros, i.e. no motion for delta actions, gripper open)",
     )
+    film: bool = Field(
+        False,
+        description="hf-vlm: FiLM every vision block on the mean instruction embedding (OFT); "
+        "the tiny backbone has its own tiny.film",
+    )
     reasoning: ReasoningConfig = Field(default_factory=ReasoningConfig)
     rdt: RDTConfig = Field(default_factory=RDTConfig)
     use_proprio: bool = True

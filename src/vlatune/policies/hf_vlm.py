@@ -170,6 +170,7 @@ class HFVLMBackbone(nn.Module):
         flow_vocab: int = 0,
         dtype: str = "auto",
         weights: bool = True,
+        film: bool = False,
     ):
         """weights=False builds the architecture from the config only (the policy's own
         model.safetensors then supplies every weight)."""
@@ -241,6 +242,62 @@ class HFVLMBackbone(nn.Module):
         )
         self._inject: dict[int, torch.Tensor] = {}
         self.model.get_input_embeddings().register_forward_hook(self._replace_placeholders)
+        self.film = None
+        self._film: tuple[torch.Tensor, torch.Tensor] | None = None
+        if film:
+            blocks, vdim = self._vision_blocks()
+            self.film = nn.ModuleList(nn.Linear(self.dim, 2 * vdim) for _ in blocks)
+            for lin in self.film:  # zero: the pretrained vision tower is unchanged at start
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+            for i, blk in enumerate(blocks):
+                blk.register_forward_hook(self._film_hook(i))
+
+    # ------------------------------------------------------------------ FiLM (OFT)
+    def _vision_blocks(self) -> tuple[nn.ModuleList, int]:
+        """The vision tower's transformer blocks and their width."""
+        for name, m in self.model.named_modules():
+            vision = "visual" in name or "vision" in name
+            if isinstance(m, nn.ModuleList) and vision and name.endswith(("blocks", "layers")):
+                vcfg = self.model.config.vision_config
+                return m, int(getattr(vcfg, "hidden_size", None) or vcfg.embed_dim)
+        raise ValueError("policy.film: no vision transformer blocks found in this model")
+
+    def _film_hook(self, i: int):
+        """gamma, beta from the mean instruction embedding modulate every vision token of that
+        sample's images after block i: x * (1 + gamma) + beta (OFT's FiLM)."""
+
+        def hook(module, inputs, output):
+            if self._film is None:
+                return output
+            text, index = self._film
+            h = output[0] if isinstance(output, tuple) else output
+            gamma, beta = self.film[i](text).chunk(2, dim=-1)
+            g, b = gamma[index].to(h.dtype), beta[index].to(h.dtype)
+            if h.dim() == 3:  # (images, patches, d)
+                g, b = g[:, None], b[:, None]
+            h = h * (1 + g) + b
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    def _film_inputs(
+        self, instructions, vision, per_sample_counts
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean instruction embedding (B, d), sample index of every vision token row)."""
+        device = self.model.device
+        emb = self.model.get_input_embeddings()
+        texts = []
+        for t in instructions:
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"] or [self.pad_id]
+            texts.append(emb(torch.tensor(ids, device=device)).float().mean(0))
+        image_sample = torch.tensor(
+            [b for b, n in enumerate(per_sample_counts) for _ in range(n)], device=device
+        )
+        if "image_grid_thw" in vision:  # Qwen: rows are patches, in image order
+            patches = vision["image_grid_thw"].prod(-1).to(device)
+            return torch.stack(texts), image_sample.repeat_interleave(patches)
+        return torch.stack(texts), image_sample
 
     # ------------------------------------------------------------------ placeholders
     def _replace_placeholders(self, module, inputs, output):
@@ -276,6 +333,11 @@ class HFVLMBackbone(nn.Module):
                 [images[c][b].permute(1, 2, 0).cpu().numpy().astype(np.uint8) for c in present]
             )
         vision, counts = self.prompt.vision(per_sample)
+        film = (
+            self._film_inputs(instructions, vision, [len(f) for f in per_sample])
+            if self.film is not None
+            else None
+        )
         rows, labels = [], []
         for b in range(B):
             text = self.prompt.text(instructions[b], counts[b])
@@ -300,12 +362,15 @@ class HFVLMBackbone(nn.Module):
             for b, r in enumerate(rows):  # the targets start after the -100 (prompt) labels
                 tt[b, L - len(r) + sum(x == -100 for x in labels[b]) :] = 1
             vision["token_type_ids"] = tt.to(device)
-        return {
+        out = {
             "input_ids": input_ids.to(device),
             "attention_mask": attn.to(device),
             "labels": label_t.to(device),
             **vision,
         }
+        if film is not None:
+            out["_film"] = film
+        return out
 
     def _set_inject(self, state: torch.Tensor | None, queries: torch.Tensor | None) -> None:
         self._inject = {}
@@ -315,12 +380,14 @@ class HFVLMBackbone(nn.Module):
             self._inject[self.query_id] = queries
 
     def _call(self, inputs: dict[str, torch.Tensor], state, queries, **kw):
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "_film")}
         self._set_inject(state if self.state_proj is not None else None, queries)
+        self._film = inputs.get("_film")
         try:
             return self.model(**model_inputs, **kw)
         finally:
             self._inject = {}
+            self._film = None
 
     # ------------------------------------------------------------------ continuous heads
     def forward(
@@ -371,9 +438,10 @@ class HFVLMBackbone(nn.Module):
         processors = LogitsProcessorList()
         if allowed is not None:
             processors.append(_AllowOnly(torch.cat([allowed, torch.tensor([self.eos_id])])))
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "_film")}
         use_state = state is not None and self.state_proj is not None
         self._set_inject(state if use_state else None, None)
+        self._film = inputs.get("_film")
         try:
             out = self.model.generate(
                 **model_inputs,
@@ -386,6 +454,7 @@ class HFVLMBackbone(nn.Module):
             )
         finally:
             self._inject = {}
+            self._film = None
         return out[:, model_inputs["input_ids"].shape[1] :]
 
 

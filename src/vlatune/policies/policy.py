@@ -124,6 +124,7 @@ class VLAPolicy(nn.Module):
                 flow_vocab=cfg.reasoning.flow_tokens,
                 dtype=cfg.dtype,
                 weights=vlm_source is None,
+                film=cfg.film,
             )
         if cfg.head == "tokens":
             from vlatune.policies.token_head import TokenHead

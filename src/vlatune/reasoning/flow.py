@@ -110,7 +110,16 @@ def dataset_flows(
     tmp = out_dir / ".flows.h5.tmp"
     todo = list(range(len(reader))) if episodes is None else list(episodes)
     with h5py.File(tmp, "w") as f:
-        f.attrs.update(camera=cam, k=k, size=size, backend=backend, units="pixels at size")
+        f.attrs.update(
+            camera=cam,
+            k=k,
+            size=size,
+            backend=backend,
+            units="pixels at size",
+            dataset=str(Path(reader.info.path).resolve())
+            if getattr(reader.info, "path", None)
+            else "",
+        )
         for i, ep in enumerate(todo):
             frames = np.asarray(reader.load_episode(ep, cameras=[cam]).images[cam])
             if not upright:
@@ -125,6 +134,17 @@ def dataset_flows(
                 progress(i + 1, len(todo))
     tmp.replace(final)
     return final
+
+
+def flows_source(path: Path) -> tuple[str, str]:
+    """(dataset path, camera) recorded in a flows.h5 ('' when unknown)."""
+    import h5py
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "flows.h5"
+    with h5py.File(path, "r") as f:
+        return str(f.attrs.get("dataset", "")), str(f.attrs.get("camera", ""))
 
 
 def load_flows(path: Path) -> dict[int, np.ndarray]:
