@@ -388,6 +388,13 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
 )
 @click.option("--workers", default=2, show_default=True, type=int, help="For --init sampled.")
 @click.option("--cameras", default="agentview,wrist", show_default=True, help="For --init sampled.")
+@click.option(
+    "--noise",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="For --init sampled: DART noise std on the executed x, y, z actions (labels stay clean).",
+)
 def sim_synth(
     suite: str,
     tasks: str,
@@ -398,8 +405,10 @@ def sim_synth(
     init_source: str,
     workers: int,
     cameras: str,
+    noise: float,
 ) -> None:
     """Record scripted-expert demonstrations as LIBERO HDF5 (raw orientation, env gripper)."""
+    from vlatune.sim.expert import ExpertParams
     from vlatune.sim.synth import synthesize, synthesize_sampled
 
     task_ids = _parse_ints(tasks)
@@ -415,6 +424,7 @@ def sim_synth(
                 resolution,
                 cameras=tuple(c.strip() for c in cameras.split(",")),
                 workers=workers,
+                params=ExpertParams(noise=noise),
                 progress=lambda k, n: status.update(f"{k}/{episodes} kept, {n} tried"),
             )
         else:

@@ -43,6 +43,11 @@ class ExpertParams:
     rim_inset: float = 0.008  # rim grasp: this far inside the object's outer edge
     rim_depth: float = 0.02  # rim grasp: this far below the top
     phase_timeout: int = 80
+    # DART-style noise injection (Laskey et al. 2017): the env executes the expert's action plus
+    # Gaussian noise of this std on x, y, z, the dataset records the expert's clean action; the
+    # closed-loop expert then demonstrates recoveries from the perturbed states a learned policy
+    # drifts into. 0: none.
+    noise: float = 0.0
 
 
 def object_z_extent(sim_env, name: str) -> tuple[float, float]:

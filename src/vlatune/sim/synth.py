@@ -38,7 +38,12 @@ def _robot_states(raw: dict[str, Any]) -> np.ndarray:
 
 
 def record_replay(
-    env: LiberoEnv, init, actions: np.ndarray | None, init_is_state: bool = False, params=None
+    env: LiberoEnv,
+    init,
+    actions: np.ndarray | None,
+    init_is_state: bool = False,
+    params=None,
+    noise_seed: int = 0,
 ) -> tuple[bool, Episode]:
     """Replay `actions` from init state `init` (an index, or with `init_is_state` a flattened
     MuJoCo state) after the settle steps, recording every frame. With `actions=None` the
@@ -62,8 +67,10 @@ def record_replay(
     else:
         source = iter(actions)
     taken = []
+    noise = getattr(params, "noise", 0.0) if actions is None else 0.0
+    rng = np.random.default_rng([noise_seed, 11])
     for a in source:
-        taken.append(a)
+        taken.append(a)  # the label: the expert's clean action
         raw = env.last_raw
         for c in env.cameras:
             frames[c].append(raw[cams[c]].copy())  # raw orientation, as LIBERO stores it
@@ -71,6 +78,9 @@ def record_replay(
         joints.append(np.asarray(raw["robot0_joint_pos"], dtype=np.float64))
         sim_states.append(env.sim.sim.get_state().flatten())
         robot_states.append(_robot_states(raw))
+        if noise > 0:  # DART: execute a perturbed action, record the clean one
+            a = np.asarray(a, dtype=np.float64).copy()
+            a[:3] = np.clip(a[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
         _, success, _ = env.step(a)
         if success and actions is None:
             break
@@ -211,7 +221,7 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
     out = []
     for seed in seeds:
         state = env.sample_init_state(seed)
-        ok, ep = record_replay(env, state, None, init_is_state=True, params=params)
+        ok, ep = record_replay(env, state, None, init_is_state=True, params=params, noise_seed=seed)
         ep.meta["init_seed"] = seed
         out.append((seed, ok, ep if ok else None))
     return out
