@@ -113,7 +113,9 @@ def test_annotate_flow_cli_and_nora_phase_c(tmp_path):
     assert report["codebook"] == 16 and "epe_px" in report["after"]
     rows = load_annotations(tok_dir / "flow_tokens.json")
     assert all(len(v["flow_tokens"]) == 64 for v in rows.values())
-    r = run_cli("annotate", "ecot", str(data), "--out", str(tmp_path / "ecot.json"))
+    r = run_cli(
+        "annotate", "ecot", str(data), "--out", str(tmp_path / "ecot.json"), "--geometry", "off"
+    )
     assert r.returncode == 0, r.stderr
     merged = load_annotations([tmp_path / "ecot.json", tok_dir / "flow_tokens.json"])
     assert set(merged[(0, 3)]) == {"reasoning", "flow_tokens"}

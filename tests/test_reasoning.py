@@ -181,13 +181,13 @@ def test_openai_annotator_retries_caches_resumes_and_rejects_bad_replies(tmp_pat
     # a malformed reply: clear error, nothing cached, no output file
     with ChatServer([(200, "Sure! Here is the plan: reach, then grasp.")]) as srv:
         r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
-                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+                    "--geometry", "off", env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
     assert r.returncode != 0 and "MalformedReply" in r.stderr and "PLAN" in r.stderr
     assert not out.exists() and not list((tmp_path / "ecot.json.cache").glob("*.json"))
     # a rate limit (429) then success: retried with back-off, every episode annotated
     with ChatServer([(429, "slow down"), (200, good_reply)]) as srv:
         r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
-                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+                    "--geometry", "off", env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
         n_requests = len(srv.requests)
         assert all(a == "Bearer sk-test-secret" for a in srv.auth)
     assert r.returncode == 0, r.stderr
@@ -206,7 +206,7 @@ def test_openai_annotator_retries_caches_resumes_and_rejects_bad_replies(tmp_pat
     # resume: a second run is served from the cache, no request reaches the server
     with ChatServer([(500, "should not be called")]) as srv:
         r = run_cli("annotate", "ecot", str(data), "--out", str(out), "--llm", "openai",
-                    env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
+                    "--geometry", "off", env={**env, "VLATUNE_LLM_BASE_URL": srv.url})  # fmt: skip
         assert srv.requests == []
     assert r.returncode == 0, r.stderr
 

@@ -828,6 +828,10 @@ def annotate_ecot(
         console.print(
             f"{annotator.requests} request(s) to {annotator.model}; the rest from the cache"
         )
+    failed = getattr(geo, "failed", None)
+    if failed:  # auto mode gave up on the first episode: nothing was added
+        geo.close()
+        geo = None
     write_annotations(
         out_file,
         frames,
@@ -848,6 +852,8 @@ def annotate_ecot(
         if camera_matrix
         else {}
         if geo
+        else {"VISIBLE OBJECTS": failed, "GRIPPER POSITION": failed}
+        if failed
         else {
             "VISIBLE OBJECTS": "needs object poses and a camera model: LIBERO HDF5 with per-frame "
             "MuJoCo states and the simulator (--geometry on)",
@@ -856,6 +862,7 @@ def annotate_ecot(
     )
     if geo is not None:
         geo.close()
+
     console.print(f"{len(frames)} frames annotated -> {out_file}")
 
 
@@ -882,6 +889,27 @@ def _matrix_geometry(path: Path):
     return geometry
 
 
+class _Tolerant:
+    """--geometry auto: the first failure (e.g. states that are not this scene's) switches the
+    geometry off for the whole file, said once."""
+
+    def __init__(self, geo):
+        self.geo, self.failed = geo, None
+
+    def __call__(self, episode):
+        if self.failed:
+            return None
+        try:
+            return self.geo(episode)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            err_console.print(f"GRIPPER POSITION / VISIBLE OBJECTS omitted: {self.failed}")
+            return None
+
+    def close(self):
+        self.geo.close()
+
+
 def _libero_geometry(ds, mode: str):
     """The LIBERO camera geometry for `annotate ecot`, or None (said once when auto skips it)."""
     if mode == "off":
@@ -895,7 +923,8 @@ def _libero_geometry(ds, mode: str):
             from vlatune.sim.setup import import_libero
 
             import_libero()
-            return dataset_geometry(ds)
+            geo = dataset_geometry(ds)
+            return geo if mode == "on" else _Tolerant(geo)
         except Exception as e:  # LIBERO missing or not set up
             reason = f"the LIBERO simulator is unavailable ({type(e).__name__}: {e})"
     if mode == "on":

@@ -97,6 +97,12 @@ class LiberoGeometry:
     ) -> list[dict[str, Any]]:
         """Per frame {"gripper": [[u, v] x <= horizon], "objects": {label: box}}."""
         sim = self.env.sim.sim
+        expected = sim.get_state().flatten().size
+        if np.asarray(sim_states).ndim != 2 or np.asarray(sim_states).shape[1] != expected:
+            raise ValueError(
+                f"the episode's states have shape {np.asarray(sim_states).shape}; this task's "
+                f"MuJoCo state has {expected} values: not states of this LIBERO scene"
+            )
         out = []
         T = len(eef)
         for t in range(T):
