@@ -653,9 +653,16 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 @click.option("--suite", default="libero_object", show_default=True)
 @click.option("--task", "task_id", default=0, show_default=True, type=int)
 @click.option("--episodes", default=30, show_default=True, type=int, help="Demonstrations.")
-@click.option("--minutes", default=8.0, show_default=True, type=float, help="Training time.")
+@click.option("--minutes", default=7.0, show_default=True, type=float, help="Training time.")
 @click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
+@click.option(
+    "--noise",
+    default=0.2,
+    show_default=True,
+    type=float,
+    help="DART noise on the expert's executed actions while recording (labels stay clean).",
+)
 @click.option(
     "--out",
     "out_dir",
@@ -665,7 +672,9 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 )
 @click.option("--config", "config_file", default=None, type=click.Path(exists=True, path_type=Path))
 @click.argument("overrides", nargs=-1)
-def demo(suite, task_id, episodes, minutes, trials, workers, out_dir, config_file, overrides):
+def demo(
+    suite, task_id, episodes, minutes, trials, workers, noise, out_dir, config_file, overrides
+):
     """Record demos, convert to LeRobot, train a tiny policy, evaluate it on held-out init
     states and write OUT/report.html: the whole pipeline on a CPU."""
     import logging
@@ -681,6 +690,7 @@ def demo(suite, task_id, episodes, minutes, trials, workers, out_dir, config_fil
         minutes=minutes,
         trials=trials,
         workers=workers,
+        noise=noise,
         config=config_file,
         overrides=list(overrides),
         say=console.print,

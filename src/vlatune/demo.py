@@ -46,9 +46,10 @@ def run_demo(
     suite: str = "libero_object",
     task: int = 0,
     episodes: int = 30,
-    minutes: float = 8.0,
+    minutes: float = 7.0,
     trials: int = 20,
     workers: int = 2,
+    noise: float = 0.2,
     config: Path | None = None,
     overrides: list[str] | None = None,
     say: Callable[[str], None] = print,
@@ -59,6 +60,7 @@ def run_demo(
     from vlatune.data.convert import convert
     from vlatune.eval.report import write_report
     from vlatune.eval.runner import EvalSpec, evaluate
+    from vlatune.sim.expert import ExpertParams
     from vlatune.sim.synth import synthesize_sampled
     from vlatune.train.plots import plot_run
     from vlatune.train.trainer import train
@@ -95,6 +97,7 @@ def run_demo(
             resolution=cfg.eval.resolution,
             cameras=tuple(cfg.data.cameras),
             workers=workers,
+            params=ExpertParams(noise=noise),
             progress=lambda k, n: say(f"      {k}/{episodes} kept ({n} tried)"),
         )
     synth = json.loads((hdf5_dir / "synth_report.json").read_text())
@@ -156,7 +159,8 @@ def run_demo(
     # 5. report
     dataset = {
         "task": f"{suite} task {task}: {task_report['instruction']}",
-        "demonstrations": f"{synth['episodes']} (scripted expert, sampled initial states)",
+        "demonstrations": f"{synth['episodes']} (scripted expert, sampled initial states, "
+        f"DART noise {noise:g})",
         "frames": info["frames"],
         "format trained on": f"{info['format']} ({lerobot_dir})",
         "cameras": ", ".join(cfg.data.cameras),
