@@ -130,9 +130,7 @@ def tiny_qwen2_5_vl(
     """A 2-layer Qwen2.5-VL (hidden 64, vision depth 2) with a small byte-level BPE tokenizer
     and the PIL image processor, saved like a hub folder."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
-        PreTrainedTokenizerFast,
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
     )
@@ -141,18 +139,8 @@ def tiny_qwen2_5_vl(
     )
 
     folder = Path(folder)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=420,
-        special_tokens=QWEN_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
+    tokenizer = _bpe_tokenizer(
+        QWEN_SPECIALS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         chat_template=QWEN_TEMPLATE if with_template else None,

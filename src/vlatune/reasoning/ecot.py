@@ -147,20 +147,21 @@ def annotate_episode_rules(
         f"1. reach {objects.obj} 2. grasp {objects.obj} 3. carry {objects.obj} to "
         f"{objects.target} 4. place {objects.obj} {objects.prep} {objects.target}"
     )
-    rows = []
-    T = len(states)
-    for t in range(T):
-        subtask, why, move_why = texts[steps[t]]
-        row = {
-            "TASK": instruction,
-            "PLAN": plan,
-            "SUBTASK REASONING": why,
-            "SUBTASK": subtask,
-            "MOVE REASONING": move_why,
-            "MOVE": moves[t],
-        }
-        rows.append({k: row[k] for k in TAGS if k in row})
-    return rows
+    return [frame_tags(instruction, plan, *texts[steps[t]], moves[t]) for t in range(len(states))]
+
+
+def frame_tags(
+    instruction: str, plan: str, subtask: str, why: str, move_why: str, move: str
+) -> dict[str, str]:
+    """One frame's reasoning in ECoT's tag order."""
+    return {
+        "TASK": instruction,
+        "PLAN": plan,
+        "SUBTASK REASONING": why,
+        "SUBTASK": subtask,
+        "MOVE REASONING": move_why,
+        "MOVE": move,
+    }
 
 
 def add_geometry(rows: list[dict[str, str]], seen: list[dict[str, Any]]) -> list[dict[str, str]]:

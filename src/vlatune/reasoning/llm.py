@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vlatune.reasoning.ecot import TAGS, parse_instruction
+from vlatune.reasoning.ecot import frame_tags, parse_instruction
 from vlatune.reasoning.primitives import PrimitiveParams, movement_primitives
 
 SYSTEM = (
@@ -172,19 +172,11 @@ class LLMAnnotator:
         reply = self._ask(prompt)
         plan, segments = parse_reply(reply, len(moves))  # raises before anything is cached
         self._store(prompt, reply)
-        rows = []
-        for a, b, subtask, why, move_why in segments:
-            for t in range(a, b + 1):
-                row = {
-                    "TASK": instruction,
-                    "PLAN": plan,
-                    "SUBTASK REASONING": why,
-                    "SUBTASK": subtask,
-                    "MOVE REASONING": move_why,
-                    "MOVE": moves[t],
-                }
-                rows.append({k: row[k] for k in TAGS if k in row})
-        return rows
+        return [
+            frame_tags(instruction, plan, subtask, why, move_why, moves[t])
+            for a, b, subtask, why, move_why in segments
+            for t in range(a, b + 1)
+        ]
 
     @property
     def prompt_hash(self) -> str:
