@@ -135,7 +135,8 @@ def test_dump_round_trips(tmp_path):
 
 
 def test_every_recipe_in_configs_loads(repo):
-    files = sorted((repo / "configs").rglob("*.yaml"))
+    # configs/accelerate/ holds accelerate's own launcher files, not vlatune recipes
+    files = sorted(f for f in (repo / "configs").rglob("*.yaml") if f.parent.name != "accelerate")
     assert files, "configs/ has no recipes"
     for f in files:
         cfg = load_config(f)

@@ -49,9 +49,10 @@ def test_demo_artifacts(demo_dir):
     ckpt = Path(summary["checkpoint"])
     assert ckpt.name == "checkpoint-30"
     policy = VLAPolicy.from_pretrained(ckpt)
+    assert policy.spec["cameras"] == ["agentview", "wrist"]
     chunk = policy.predict(
         {
-            "images": {"agentview": np.zeros((128, 128, 3), np.uint8)},
+            "images": {c: np.zeros((128, 128, 3), np.uint8) for c in policy.spec["cameras"]},
             "state": np.zeros(8),
             "instruction": "x",
         }
