@@ -71,6 +71,8 @@ def measure(recipe: str, size: str, steps: int, device: str, model_id: str | Non
     res, B, _, _, _, width = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
         base = load_config(ROOT / "configs" / f"{recipe}.yaml")
+        if base.policy.backbone == "tiny":
+            res = max(res, 64)  # the tiny conv net needs 16 px per token side
         over = [
             f"data.image_size={res}",
             "data.cameras=[agentview,wrist]"

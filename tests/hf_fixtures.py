@@ -158,7 +158,11 @@ def tiny_qwen2_5_vl(
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            # M-RoPE sections (t, h, w) sum to half the head dim (hidden / 4 heads)
+            "rope_scaling": {
+                "type": "mrope",
+                "mrope_section": [hidden // 32, 3 * hidden // 64, 3 * hidden // 64],
+            },
             "tie_word_embeddings": True,
             "bos_token_id": ids("<|endoftext|>"),
             "eos_token_id": ids("<|im_end|>"),

@@ -165,7 +165,7 @@ class RDTBackbone(nn.Module):
         return len(todo)
 
     def _language_tokens(self, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = [t for t in texts if t not in self.language]
+        missing = list(dict.fromkeys(t for t in texts if t not in self.language))
         if missing:
             if self.r.precompute_language:
                 log.warning(
