@@ -243,3 +243,24 @@ def tiny_siglip_vision(
         folder
     )
     return folder
+
+
+def train_tiny_nora(recipe: Path, data: Path, qwen: Path, run_dir: Path, *extra: str) -> list[dict]:
+    """Train a NORA recipe 2 steps on a tiny Qwen2.5-VL; returns the metrics.jsonl rows."""
+    import json
+
+    from vlatune.config import load_config
+    from vlatune.train.trainer import train
+
+    cfg = load_config(
+        recipe,
+        [
+            f"data.path={data}", "data.format=auto", "data.image_size=56", "data.batch_size=2",
+            "data.num_workers=0", "policy.reasoning.dropout=0.0", f"policy.model_id={qwen}",
+            "policy.dtype=float32", "policy.action_tokenizer_path=null", "policy.fast_vocab=64",
+            f"train.output_dir={run_dir}", "train.max_steps=2", "train.val_every=null",
+            "train.mixed_precision=no", "train.gradient_checkpointing=false", *extra,
+        ],
+    )  # fmt: skip
+    train(cfg, progress=False)
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

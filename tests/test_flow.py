@@ -120,22 +120,12 @@ def test_annotate_flow_cli_and_nora_phase_c(tmp_path):
     merged = load_annotations([tmp_path / "ecot.json", tok_dir / "flow_tokens.json"])
     assert set(merged[(0, 3)]) == {"reasoning", "flow_tokens"}
     # NORA phase C: the tokens head trains on text + <flow_k> targets
-    from hf_fixtures import tiny_qwen2_5_vl
-    from vlatune.config import load_config
-    from vlatune.train.trainer import train
+    from hf_fixtures import tiny_qwen2_5_vl, train_tiny_nora
 
     qwen = tiny_qwen2_5_vl(tmp_path / "qwen")
-    cfg = load_config(
-        ROOT / "configs/nora/text_flow_cot.yaml",
-        [
-            f"data.path={data}", "data.format=auto", "data.image_size=56", "data.batch_size=2",
-            "data.num_workers=0", f"data.annotations=[{tmp_path / 'ecot.json'},{tok_dir / 'flow_tokens.json'}]",
-            "policy.reasoning.dropout=0.0", "policy.reasoning.flow_tokens=16",
-            f"policy.model_id={qwen}", "policy.dtype=float32", "policy.action_tokenizer_path=null",
-            "policy.fast_vocab=64", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
-            "train.val_every=null", "train.mixed_precision=no", "train.gradient_checkpointing=false",
-        ],
+    annotations = f"data.annotations=[{tmp_path / 'ecot.json'},{tok_dir / 'flow_tokens.json'}]"
+    metrics = train_tiny_nora(
+        ROOT / "configs/nora/text_flow_cot.yaml", data, qwen, tmp_path / "run",
+        annotations, "policy.reasoning.flow_tokens=16",
     )  # fmt: skip
-    train(cfg, progress=False)
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(m.get("cot_loss", 0) > 0 for m in metrics)

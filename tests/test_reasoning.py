@@ -124,23 +124,12 @@ def test_annotate_cli_show_and_nora_phase_b_training(tmp_path):
     assert r.returncode == 0, r.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # NORA phase B reads the file: the CoT loss is trained and logged
-    from hf_fixtures import tiny_qwen2_5_vl
-    from vlatune.config import load_config
-    from vlatune.train.trainer import train
+    from hf_fixtures import tiny_qwen2_5_vl, train_tiny_nora
 
     qwen = tiny_qwen2_5_vl(tmp_path / "qwen")
-    cfg = load_config(
-        ROOT / "configs/nora/text_cot.yaml",
-        [
-            f"data.path={data}", "data.format=auto", f"data.annotations={out}",
-            "data.image_size=56", "data.batch_size=2", "data.num_workers=0", "policy.reasoning.dropout=0.0",
-            f"policy.model_id={qwen}", "policy.dtype=float32", "policy.action_tokenizer_path=null",
-            "policy.fast_vocab=64", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
-            "train.val_every=null", "train.mixed_precision=no", "train.gradient_checkpointing=false",
-        ],
-    )  # fmt: skip
-    train(cfg, progress=False)
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = train_tiny_nora(
+        ROOT / "configs/nora/text_cot.yaml", data, qwen, tmp_path / "run", f"data.annotations={out}"
+    )
     assert any(m.get("cot_loss", 0) > 0 and m.get("cot_fraction") == 1.0 for m in metrics)
 
 
