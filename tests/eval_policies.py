@@ -61,3 +61,20 @@ def raw_images():
 
 def no_stats():
     return _Still(normalization_stats=False)
+
+
+SEEN: list[tuple[str, ...]] = []  # cameras of each observation `looking` was given (in-process)
+
+
+class _Looking(_Still):
+    """Like `still`, but reads images: records which cameras each query observation had."""
+
+    needs_images = True
+
+    def predict(self, obs):
+        SEEN.append(tuple(sorted(obs["images"])))
+        return super().predict(obs)
+
+
+def looking():
+    return _Looking()

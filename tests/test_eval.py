@@ -155,6 +155,32 @@ def test_max_steps_and_failure_video(tmp_path):
 
 
 @pytest.mark.sim
+def test_video_trials_records_only_the_first_and_the_policy_still_sees_every_query(tmp_path):
+    from tests import eval_policies
+
+    eval_policies.SEEN.clear()
+    spec = EvalSpec(
+        policy="tests.eval_policies:looking",
+        tasks=[0],
+        trials=2,
+        max_steps=6,
+        replan=4,
+        resolution=64,
+        video="all",
+        video_trials=1,
+        out=tmp_path,
+    )
+    evaluate(spec)
+    eps = sorted(read_episodes(tmp_path / "episodes.jsonl"), key=lambda e: e["trial"])
+    assert [e["video"] is not None for e in eps] == [True, False]
+    assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == [
+        "libero_object_t0_trial0_failure.mp4"
+    ]
+    # 2 queries per episode (steps 0 and 4), each with both cameras, rendered or not otherwise
+    assert eval_policies.SEEN == [("agentview", "wrist")] * 4
+
+
+@pytest.mark.sim
 def test_crashed_worker_is_replaced_and_its_episode_retried(tmp_path):
     MARKER.unlink(missing_ok=True)
     spec = EvalSpec(

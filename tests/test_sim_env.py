@@ -128,3 +128,39 @@ def test_sampled_init_states_look_like_libero_fixed_ones(env):
     assert objects.max() > 1e-3  # placements vary
     obs = env.restore_state(states[0])
     assert obs["state"].shape == (8,)
+
+
+def test_soft_reset_and_rendering_only_some_steps_give_the_same_observations():
+    """Evaluation renders only the frames a policy sees and recording resets without rebuilding
+    the model: both must give exactly the observations of LIBERO's way (hard reset, every frame
+    rendered). robosuite samples camera observables on its own clock."""
+    from vlatune.sim.env import LiberoEnv
+
+    hard = LiberoEnv("libero_object", 0, resolution=64)
+    soft = LiberoEnv("libero_object", 0, resolution=64, hard_reset=False)
+    try:
+        renders = []
+        real = soft.sim.sim.render
+        soft.sim.sim.render = lambda *a, **k: (renders.append(k["camera_name"]), real(*a, **k))[1]
+        soft.reset(0)
+        for _ in range(8):  # a previous episode that closed the gripper
+            soft.step(np.array([0.3, 0, -0.3, 0, 0, 0, 1.0]), render=False)
+        actions = np.clip(np.random.default_rng(0).normal(0, 0.6, (9, 7)), -1, 1)
+        always = [hard.reset(1)] + [hard.step(a)[0] for a in actions]
+        renders.clear()
+        lazy = {0: soft.reset(1)}
+        assert len(renders) == 2  # the last settle step, both cameras; not the restore
+        for k, a in enumerate(actions, 1):
+            obs = soft.step(a, render=k % 4 == 0)[0]
+            if k % 4 == 0:
+                lazy[k] = obs
+            else:
+                assert obs["images"] == {}
+        assert len(renders) == 2 * len(lazy)
+        for k, obs in lazy.items():
+            for cam in ("agentview", "wrist"):
+                np.testing.assert_array_equal(obs["images"][cam], always[k]["images"][cam])
+            np.testing.assert_array_equal(obs["state"], always[k]["state"])
+    finally:
+        hard.close()
+        soft.close()

@@ -147,6 +147,7 @@ def run_experiment(
                 trials=eval_trials,
                 workers=workers,
                 video=cfg.eval.video,
+                video_trials=cfg.eval.video_trials,
                 replan=cfg.eval.replan,
                 resolution=cfg.eval.resolution,
                 max_steps=cfg.eval.max_steps,

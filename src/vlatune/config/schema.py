@@ -275,6 +275,12 @@ class EvalConfig(Strict):
     workers: int = Field(1, gt=0)
     resolution: int = Field(256, gt=0)
     video: Literal["none", "failures", "all"] = "failures"
+    video_trials: int | None = Field(
+        None,
+        ge=0,
+        description="videos of the first N trials per task only; the others render just the "
+        "frames the policy sees (much faster on CPU). None: every trial",
+    )
 
     @field_validator("suite")
     @classmethod

@@ -47,6 +47,10 @@ class EvalSpec:
     seed: int = 7
     workers: int = 1
     video: str = "failures"  # none | failures | all
+    # record videos of trials < video_trials only (None: every trial). The other episodes render
+    # only the frames the policy is given: with --replan 8 an eighth of them, and rendering is
+    # most of the simulation time on CPU.
+    video_trials: int | None = None
     max_steps: int | None = None
     replan: int = 8
     resolution: int = 256
@@ -63,6 +67,8 @@ class EvalSpec:
         i, n = self.shard
         if not (n >= 1 and 0 <= i < n):
             raise ValueError(f"--shard must be i/n with 0 <= i < n, got {i}/{n}")
+        if self.video_trials is not None and self.video_trials < 0:
+            raise ValueError(f"--video-trials must be at least 0, got {self.video_trials}")
         if self.trials < 1 or self.workers < 1 or self.replan < 1:
             raise ValueError("--trials, --workers and --replan must be at least 1")
         n_tasks = SUITES[self.suite].num_tasks
@@ -145,7 +151,15 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
     episode_seed = spec.seed * 1_000_003 + ep["trial"]
     np.random.seed(episode_seed % 2**32)
     torch.manual_seed(episode_seed)
-    obs = env.reset(ep["init_index"])
+    # render only what is looked at: every frame of a recorded episode, otherwise the frames
+    # the policy is given (the first of each chunk), none for a policy without cameras
+    record = (
+        spec.video != "none"
+        and envs.render
+        and (spec.video_trials is None or ep["trial"] < spec.video_trials)
+    )
+    sees = bool(getattr(policy, "needs_images", True))
+    obs = env.reset(ep["init_index"], render=record or sees)
     ctx = EpisodeContext(
         suite=env.suite,
         task_id=ep["task_id"],
@@ -158,17 +172,17 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
     )
     policy.reset(ctx)
     max_steps = spec.max_steps or env.max_steps
-    record = spec.video != "none" and envs.render
     frames: list[np.ndarray] = []
     steps, success = 0, False
     while steps < max_steps and not success:
         chunk = np.asarray(policy.predict(obs), dtype=np.float64)
         if chunk.ndim == 1:
             chunk = chunk[None]
-        for a in chunk[: spec.replan]:
+        todo = chunk[: spec.replan]
+        for i, a in enumerate(todo):
             if record:
                 frames.append(np.concatenate([obs["images"][c] for c in env.cameras], axis=1))
-            obs, success, _ = env.step(a)
+            obs, success, _ = env.step(a, render=record or (sees and i == len(todo) - 1))
             steps += 1
             if success or steps >= max_steps:
                 break

@@ -85,7 +85,13 @@ class LiberoEnv:
         cameras: Sequence[str] = ("agentview", "wrist"),
         seed: int = 0,
         render: bool = True,
+        hard_reset: bool = True,
     ):
+        """`hard_reset=False` resets episodes without rebuilding the MuJoCo model (0.3 s instead
+        of 1.8 s here), for recording demonstrations. LIBERO's own evaluation rebuilds it
+        (robosuite `hard_reset=True`, the default here). A soft reset leaves the gripper's
+        command smoothing state from the previous episode behind; it is cleared, and the
+        observations then match a hard reset's exactly (tested)."""
         unknown = [c for c in cameras if c not in CAMERAS]
         if unknown:
             raise ValueError(f"unknown camera(s) {unknown}; valid: {sorted(CAMERAS)}")
@@ -109,7 +115,26 @@ class LiberoEnv:
             kwargs.update(use_camera_obs=False, has_offscreen_renderer=False)
         self._env = OffScreenRenderEnv(**kwargs)
         self._env.seed(seed)
+        self.hard_reset = hard_reset
+        self._env.env.hard_reset = hard_reset
         self.last_raw: dict[str, Any] | None = None
+        self._rendering = bool(self.cameras)
+
+    def set_rendering(self, on: bool) -> None:
+        """Render the cameras for the following steps and restores, or not.
+
+        Rendering dominates simulation cost here (software GL: ~85 ms per camera image, physics
+        3 ms per step), and a policy that replans every K steps only looks at every K-th
+        observation. Switching robosuite's camera observables off skips their renders; their
+        sampling clock stops with them and restarts in the same phase, so a rendered step returns
+        exactly the image it returns with the cameras always on (tested). An observation from a
+        step without rendering has no images."""
+        on = bool(on) and bool(self.cameras)
+        if on == self._rendering:
+            return
+        for c in self.cameras:
+            self.sim.modify_observable(f"{CAMERAS[c]}_image", "enabled", on)
+        self._rendering = on
 
     @property
     def instruction(self) -> str:
@@ -122,20 +147,25 @@ class LiberoEnv:
 
     def observation(self, raw: dict[str, Any]) -> dict[str, Any]:
         """Raw robosuite observations -> {images (upright), state (8,), instruction}."""
-        images = {c: to_upright(raw[f"{CAMERAS[c]}_image"]) for c in self.cameras}
+        images = {
+            c: to_upright(raw[f"{CAMERAS[c]}_image"])
+            for c in self.cameras
+            if f"{CAMERAS[c]}_image" in raw
+        }
         return {
             keys.IMAGES: images,
             keys.STATE: libero_state(raw),
             keys.INSTRUCTION: self.instruction,
         }
 
-    def restore(self, init_index: int) -> dict[str, Any]:
+    def restore(self, init_index: int, render: bool = True) -> dict[str, Any]:
         """Reset and set fixed initial state `init_index % N` (no settle steps)."""
-        return self.restore_state(self.init_states[init_index % len(self.init_states)])
+        return self.restore_state(self.init_states[init_index % len(self.init_states)], render)
 
-    def restore_state(self, state: np.ndarray) -> dict[str, Any]:
+    def restore_state(self, state: np.ndarray, render: bool = True) -> dict[str, Any]:
         """Reset and set a flattened MuJoCo state (a demo's `init_state`), no settle steps."""
-        self._env.reset()
+        self.set_rendering(render)
+        self._reset()
         raw = self._env.set_init_state(np.asarray(state, dtype=np.float64))
         self.last_raw = raw
         return self.observation(raw)
@@ -147,7 +177,8 @@ class LiberoEnv:
         alone adds none). Demonstrations from sampled states leave all 50 benchmark states held
         out for evaluation."""
         self._env.seed(seed)
-        self._env.reset()
+        self.set_rendering(False)
+        self._reset()
         sim = self.sim.sim
         robot = self.sim.robots[0]
         idx = robot._ref_joint_pos_indexes
@@ -158,25 +189,38 @@ class LiberoEnv:
         self._env.seed(self.seed)
         return state
 
-    def settle(self, steps: int = NUM_STEPS_WAIT) -> dict[str, Any]:
-        """The dummy steps peers run after set_init_state so objects come to rest."""
+    def _reset(self) -> None:
+        if not self.hard_reset:  # what a rebuilt gripper model would start from
+            for robot in self.sim.robots:
+                if robot.has_gripper:
+                    robot.gripper.current_action = np.zeros(robot.gripper.dof)
+        self._env.reset()
+
+    def settle(self, steps: int = NUM_STEPS_WAIT, render: bool = True) -> dict[str, Any]:
+        """The dummy steps peers run after set_init_state so objects come to rest; with
+        `render`, only the last one renders (the observation returned)."""
         obs = None
-        for _ in range(steps):
-            obs, _, _ = self.step(SETTLE_ACTION)
+        for i in range(steps):
+            obs, _, _ = self.step(SETTLE_ACTION, render=render and i == steps - 1)
         return obs if obs is not None else self.observation(self.last_raw)
 
-    def reset(self, init_index: int) -> dict[str, Any]:
+    def reset(self, init_index: int, render: bool = True) -> dict[str, Any]:
         """Restore initial state `init_index` and run the settle steps: the first policy input."""
-        self.restore(init_index)
-        return self.settle()
+        steps = NUM_STEPS_WAIT
+        self.restore(init_index, render=render and steps == 0)
+        return self.settle(steps, render=render)
 
-    def step(self, action: np.ndarray) -> tuple[dict[str, Any], bool, dict[str, Any]]:
-        """One 20 Hz control step. Returns (observation, success, info)."""
+    def step(
+        self, action: np.ndarray, render: bool = True
+    ) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        """One 20 Hz control step. Returns (observation, success, info); the observation has
+        images only with `render` (see `set_rendering`)."""
         action = np.asarray(action, dtype=np.float64).reshape(-1)
         if action.shape != (ACTION_DIM,):
             raise ValueError(
                 f"LIBERO actions are {ACTION_DIM}-d (env convention); got shape {action.shape}"
             )
+        self.set_rendering(render)
         raw, _reward, done, info = self._env.step(action)
         self.last_raw = raw
         return self.observation(raw), bool(done), info

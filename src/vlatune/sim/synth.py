@@ -49,7 +49,7 @@ def record_replay(
     MuJoCo state) after the settle steps, recording every frame. With `actions=None` the
     scripted expert acts (and is recorded) directly, until success or the suite's step limit."""
     if init_is_state:
-        env.restore_state(init)
+        env.restore_state(init, render=False)
         env.settle()
         init_state = np.asarray(init, dtype=np.float64)
     else:
@@ -153,8 +153,8 @@ def synthesize(
     try:
         writer = None
         for task_id in tasks:
-            fast = LiberoEnv(suite, task_id, render=False)
-            cam = LiberoEnv(suite, task_id, resolution=resolution, render=True)
+            fast = LiberoEnv(suite, task_id, render=False, hard_reset=False)
+            cam = LiberoEnv(suite, task_id, resolution=resolution, render=True, hard_reset=False)
             if writer is None:
                 writer = LiberoHDF5Writer(tmp, image_orientation="raw")
             task = fast.task
@@ -215,7 +215,7 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
 
         one_render_thread()
         _WORKER_ENVS[key] = LiberoEnv(
-            suite, task_id, resolution=resolution, cameras=cameras, render=True
+            suite, task_id, resolution=resolution, cameras=cameras, render=True, hard_reset=False
         )
     env = _WORKER_ENVS[key]
     out = []
