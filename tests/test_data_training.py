@@ -165,6 +165,22 @@ def test_augmentation_only_at_train_time():
     assert test.crop_box(40, 40) == (1, 1, 39, 39)  # centred, 0.9 of the area (38x38)
 
 
+def test_colour_jitter_is_brightness_contrast_saturation_composed():
+    img = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    tf = ImageTransform(
+        24, train=True, brightness=0.3, contrast=0.3, saturation=0.3, rng=np.random.default_rng(4)
+    )
+    out = tf(img).permute(1, 2, 0).numpy().astype(np.float64)
+    b, c, s = np.random.default_rng(4).uniform(0.7, 1.3, 3)  # the same draws, in order
+    x = img.astype(np.float64)
+    grey = lambda y: y @ np.array([0.299, 0.587, 0.114])  # noqa: E731
+    x = b * x  # brightness
+    x = c * (x - grey(x).mean()) + grey(x).mean()  # contrast around the mean grey level
+    x = s * (x - grey(x)[..., None]) + grey(x)[..., None]  # saturation around each pixel's grey
+    np.testing.assert_allclose(out, np.clip(x, 0, 255), atol=1.0)
+    assert np.abs(out - img).mean() > 3  # it did change the image
+
+
 def test_dataloader_with_workers_and_lerobot_video(libero, tmp_path):
     convert(open_dataset(libero), tmp_path / "lr", "lerobot")
     ds, _ = view(tmp_path / "lr", ["data.augment.enabled=true"])

@@ -661,8 +661,8 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 @cli.command()
 @click.option("--suite", default="libero_object", show_default=True)
 @click.option("--task", "task_id", default=0, show_default=True, type=int)
-@click.option("--episodes", default=30, show_default=True, type=int, help="Demonstrations.")
-@click.option("--minutes", default=7.0, show_default=True, type=float, help="Training time.")
+@click.option("--episodes", default=45, show_default=True, type=int, help="Demonstrations.")
+@click.option("--minutes", default=8.0, show_default=True, type=float, help="Training time.")
 @click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
 @click.option(
