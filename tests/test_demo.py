@@ -40,6 +40,11 @@ def test_demo_artifacts(demo_dir):
     with h5py.File(h5) as f:
         assert len(f["data"]) == 2
         assert f["data/demo_0/obs/agentview_rgb"].shape[1:] == (128, 128, 3)
+    synth = json.loads((demo_dir / "data/libero_hdf5/synth_report.json").read_text())
+    (task,) = synth["tasks"].values()
+    # nothing recorded beyond what was needed: every success is kept, failures are counted
+    assert task["kept"] == task["solved"] == 2 and task["tried"] >= 2
+    assert task["expert_success_rate"] == 2 / task["tried"]
     info = json.loads((demo_dir / "data/lerobot/meta/info.json").read_text())
     assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2
     with open_dataset(demo_dir / "data" / "lerobot") as reader:

@@ -113,6 +113,44 @@ def test_expert_grasps_a_bowl_by_its_rim():
     assert ok and steps < env.max_steps
 
 
+def test_separation_of_footprints():
+    from vlatune.sim.expert import _separation
+
+    square = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=float)
+    assert _separation(square, np.array([1.5, 0.0]), np.array([2.0, 1.0])) == pytest.approx(0.5)
+    assert _separation(square, np.array([0.5, 0.5]), np.array([2.0, 2.0])) < 0  # overlapping
+    diamond = np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], dtype=float)
+    # the corner (1, 0) is 0.2 from the box; the diagonal edge is farther: the gap is 0.2
+    assert _separation(diamond, np.array([1.2, -0.1]), np.array([2.0, 0.1])) == pytest.approx(0.2)
+
+
+def test_expert_turns_the_hand_when_a_neighbour_is_in_the_way():
+    """libero_object cream cheese, init 1: grasping straight, the hand lands on the tomato
+    sauce next to it; the expert turns the hand 15 degrees and succeeds (it failed 29 of the
+    50 init states before, 0 now)."""
+    from vlatune.sim.env import LiberoEnv
+    from vlatune.sim.expert import ExpertParams, ScriptedExpert
+
+    env = LiberoEnv("libero_object", 1, render=False, hard_reset=False)
+
+    def run(params):
+        expert = ScriptedExpert(env, params)
+        env.reset(1)
+        for _ in range(env.max_steps):
+            _, success, _ = env.step(expert.act())
+            if success:
+                break
+        return success, expert
+
+    try:
+        ok, expert = run(ExpertParams())
+        assert ok and expert.yaw != 0
+        ok, expert = run(ExpertParams(max_yaw_deg=0))
+        assert not ok and expert.yaw == 0
+    finally:
+        env.close()
+
+
 def test_sampled_init_states_look_like_libero_fixed_ones(env):
     """Sampled states: deterministic per seed, objects moved within their regions, arm joints
     spread like LIBERO's 50 fixed states (about 0.02 rad), never equal to a fixed state."""

@@ -43,6 +43,11 @@ class ExpertParams:
     rim_inset: float = 0.008  # rim grasp: this far inside the object's outer edge
     rim_depth: float = 0.02  # rim grasp: this far below the top
     phase_timeout: int = 80
+    # turn the hand about the vertical (up to 90 degrees) when, grasping straight, it would hit
+    # a neighbouring object taller than the grasp point; the grasped object must still fit
+    # between the fingers. 0: never turn.
+    max_yaw_deg: float = 90.0
+    hand_clearance: float = 0.01  # wanted gap between the hand and a neighbour (m)
     # DART-style noise injection (Laskey et al. 2017): the env executes the expert's action plus
     # Gaussian noise of this std on x, y, z, the dataset records the expert's clean action; the
     # closed-loop expert then demonstrates recoveries from the perturbed states a learned policy
@@ -61,15 +66,27 @@ def object_extent(sim_env, name: str) -> tuple[np.ndarray, np.ndarray]:
     obj = sim_env.objects_dict.get(name) or sim_env.fixtures_dict.get(name)
     if obj is None:
         raise UnsupportedTask(f"object '{name}' not found in the scene")
-    m, d = sim_env.sim.model._model, sim_env.sim.data._data
+    m = sim_env.sim.model._model
     root = m.body(obj.root_body).id
-    lows, highs = [], []
+    return _geoms_extent(sim_env, name, _body_geoms(m, root))
+
+
+def _body_geoms(m, root: int) -> list[int]:
+    """Collision geoms of body `root` and its descendants."""
+    out = []
     for g in range(m.ngeom):
         b = m.geom_bodyid[g]
         while b not in (0, root):
             b = m.body_parentid[b]
-        if b != root or m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0:
-            continue
+        if b == root and not (m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0):
+            out.append(g)
+    return out
+
+
+def _geoms_extent(sim_env, name: str, geoms: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    m, d = sim_env.sim.model._model, sim_env.sim.data._data
+    lows, highs = [], []
+    for g in geoms:
         half = m.geom_aabb[g][3:]
         R = d.geom_xmat[g].reshape(3, 3)
         center = d.geom_xpos[g] + R @ m.geom_aabb[g][:3]
@@ -79,6 +96,26 @@ def object_extent(sim_env, name: str) -> tuple[np.ndarray, np.ndarray]:
     if not lows:
         raise UnsupportedTask(f"object '{name}' has no collision geometry")
     return np.min(lows, axis=0), np.max(highs, axis=0)
+
+
+def _separation(poly: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> float:
+    """Gap (m) between a convex polygon (k, 2) and an axis-aligned rectangle in the plane, by
+    separating axes: > 0 apart (a lower bound of the distance), <= 0 overlapping."""
+    box = np.array([[lo[0], lo[1]], [hi[0], lo[1]], [hi[0], hi[1]], [lo[0], hi[1]]])
+    edges = np.roll(poly, -1, axis=0) - poly
+    axes = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    axes += [np.array([-e[1], e[0]]) / (np.linalg.norm(e) + 1e-12) for e in edges]
+    best = -np.inf
+    for ax in axes:
+        p, q = poly @ ax, box @ ax
+        best = max(best, q.min() - p.max(), p.min() - q.max())
+    return float(best)
+
+
+def _yaw(quat_xyzw: np.ndarray) -> float:
+    """Heading of the hand's x axis in the world's horizontal plane (rad)."""
+    x, y, z, w = quat_xyzw
+    return float(np.arctan2(2 * (x * y + w * z), 1 - 2 * (y * y + z * z)))
 
 
 class ScriptedExpert:
@@ -102,6 +139,8 @@ class ScriptedExpert:
         self.goal: np.ndarray | None = None
         self._grasp_offset: float | None = None
         self._obj_height: float | None = None
+        self.yaw: float = 0.0  # chosen hand turn about the vertical for the grasp (rad)
+        self._yaw0: float | None = None
 
     def _pos(self, name: str) -> np.ndarray:
         return np.asarray(self.env.last_raw[f"{name}_pos"], dtype=np.float64)
@@ -124,15 +163,13 @@ class ScriptedExpert:
                 else bottom + 0.5 * height
             )
             # fingers close along world y (the hand points down, rotated 180 degrees about x);
-            # an object wider than the opening (a bowl) is pinched by its wall on the -y side
-            self._xy_offset = np.zeros(2)
-            half_y = 0.5 * float(hi[1] - lo[1])
-            if (
-                min(hi[0] - lo[0], hi[1] - lo[1]) > p.max_grip_width
-            ):  # round and wide, not a rotated box
-                center = 0.5 * (lo[:2] + hi[:2])
-                self._xy_offset = center - obj[:2] + np.array([0.0, -(half_y - p.rim_inset)])
+            # an object wider than the opening (a bowl) is pinched by its wall
+            rim = min(hi[0] - lo[0], hi[1] - lo[1]) > p.max_grip_width  # round and wide
+            if rim:
                 grasp_z = top - p.rim_depth
+            self._yaw0 = _yaw(np.asarray(raw["robot0_eef_quat"], dtype=np.float64))
+            xy, self.yaw = self._choose_grasp(lo, hi, obj[:2], grasp_z, eef, rim)
+            self._xy_offset = xy - obj[:2]
             self._grasp_offset = grasp_z - obj[2]  # relative to the object's origin, which moves
             self._bottom_offset = bottom - obj[2]
             self._obj_height = height
@@ -145,9 +182,13 @@ class ScriptedExpert:
         # the eef sits this far above the held object's bottom
         hold = self._grasp_offset - self._bottom_offset
         gripper = GRIPPER_OPEN_ENV
+        turn = 0.0
+        if self.yaw:  # angle still to turn (rad), wrapped to [-pi, pi)
+            now = _yaw(np.asarray(raw["robot0_eef_quat"], dtype=np.float64))
+            turn = (self._yaw0 + self.yaw - now + np.pi) % (2 * np.pi) - np.pi
         if self.phase == "approach":
             goal = grasp + np.array([0, 0, p.approach_height])
-            done = np.linalg.norm(goal - eef) < 2 * p.tolerance
+            done = np.linalg.norm(goal - eef) < 2 * p.tolerance and abs(turn) < np.radians(3)
         elif self.phase == "descend":
             goal = grasp
             done = np.linalg.norm(goal - eef) < p.tolerance
@@ -178,8 +219,96 @@ class ScriptedExpert:
             self._next(self.PHASES[self.PHASES.index(self.phase) + 1])
         action = np.zeros(7)
         action[:3] = np.clip(p.gain * (goal - eef), -1.0, 1.0)
+        # OSC_POSE: a[5] = 1 asks for 0.5 rad about the world's z axis; half the error a step
+        action[5] = np.clip(turn, -1.0, 1.0)
         action[6] = gripper
         return action
+
+    def _choose_grasp(
+        self,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        origin: np.ndarray,
+        grasp_z: float,
+        eef: np.ndarray,
+        rim: bool,
+    ) -> tuple[np.ndarray, float]:
+        """Where (world xy) and with which turn of the hand about the vertical (rad) to grasp.
+
+        A box or bottle is grasped at its origin, the hand straight, unless the hand lowered
+        there would come closer than `hand_clearance` to a neighbour rising above the grasp
+        point: then the turn (multiples of 15 degrees, up to `max_yaw_deg`) that keeps the most
+        room and still fits the object between the fingers. A bowl (wider than the opening) is
+        pinched by its wall: on the -y side unless that side is crowded, then the side (-y, +y
+        with the hand straight; -x, +x turned 90 degrees) with the most room."""
+        p = self.p
+        center, half = 0.5 * (lo[:2] + hi[:2]), 0.5 * (hi[:2] - lo[:2])
+        room = self._room_fn(grasp_z, eef)
+        if rim:
+            wall = half - p.rim_inset
+            sides = [(np.array([0.0, -wall[1]]), 0.0), (np.array([0.0, wall[1]]), 0.0)]
+            if p.max_yaw_deg >= 90:
+                sides += [
+                    (np.array([-wall[0], 0.0]), np.pi / 2),
+                    (np.array([wall[0], 0.0]), np.pi / 2),
+                ]
+            first = room(center + sides[0][0], sides[0][1])
+            if first >= p.hand_clearance:
+                return center + sides[0][0], sides[0][1]
+            xy, yaw = max(sides, key=lambda sd: room(center + sd[0], sd[1]))
+            return center + xy, yaw
+        size = hi[:2] - lo[:2]
+
+        def fits(yaw: float) -> bool:
+            return abs(size[0] * np.sin(yaw)) + abs(size[1] * np.cos(yaw)) <= p.max_grip_width
+
+        straight = room(origin, 0.0)
+        if straight >= p.hand_clearance or not fits(0.0) or p.max_yaw_deg <= 0:
+            return origin.copy(), 0.0
+        steps = int(p.max_yaw_deg // 15)
+        candidates = [np.radians(15 * k * sgn) for k in range(1, steps + 1) for sgn in (1, -1)]
+        scored = [(room(origin, y), -abs(y), y) for y in candidates if fits(y)]
+        best = max(scored, default=None)
+        yaw = float(best[2]) if best is not None and best[0] > straight else 0.0
+        return origin.copy(), yaw
+
+    def _room_fn(self, grasp_z: float, eef: np.ndarray):
+        """room(xy, yaw): the gap (m) between the hand's footprint, lowered at xy turned by
+        yaw, and the nearest neighbour rising above the grasp point (inf: none)."""
+        sim_env = self.env.sim
+        m = sim_env.sim.model._model
+        gripper = sim_env.robots[0].gripper
+        hand_lo, hand_hi = _geoms_extent(
+            sim_env, "gripper", _body_geoms(m, m.body(gripper.root_body).id)
+        )
+        hand = (
+            np.array(  # footprint corners around the eef, world axes, the hand as it starts
+                [
+                    [hand_lo[0], hand_lo[1]],
+                    [hand_hi[0], hand_lo[1]],
+                    [hand_hi[0], hand_hi[1]],
+                    [hand_lo[0], hand_hi[1]],
+                ]
+            )
+            - eef[:2]
+        )
+        obstacles = []
+        for name in [*sim_env.objects_dict, *sim_env.fixtures_dict]:
+            if name == self.obj:
+                continue
+            try:
+                o_lo, o_hi = object_extent(sim_env, name)
+            except UnsupportedTask:
+                continue
+            if o_hi[2] > grasp_z + 0.005:  # rises above the fingertips at the grasp
+                obstacles.append((o_lo[:2], o_hi[:2]))
+
+        def room(xy: np.ndarray, yaw: float) -> float:
+            c, s = np.cos(yaw), np.sin(yaw)
+            poly = hand @ np.array([[c, s], [-s, c]]) + xy
+            return min((_separation(poly, a, b) for a, b in obstacles), default=np.inf)
+
+        return room
 
 
 def run_expert_episode(

@@ -244,7 +244,7 @@ def synthesize_sampled(
     None of LIBERO's 50 fixed init states is used, so all of them stay held out for evaluation.
     Each demo stores its initial MuJoCo state (`init_state`) and seed."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     out = Path(out)
     if out.exists():
@@ -255,24 +255,35 @@ def synthesize_sampled(
         raise ValueError(f"episodes must be at least 1, got {episodes}")
     t_start = time.perf_counter()
     kept: list[tuple[int, Episode]] = []
-    tried, next_seed = 0, seed * 10_000
+    tried, solved, next_seed = 0, 0, seed * 10_000
     workers = max(1, workers)
+    limit = 3 * episodes + 10  # attempts before giving up on an expert that rarely succeeds
     ctx = mp.get_context("forkserver")
     with atomic_dir(out, overwrite=False) as tmp:
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            while len(kept) < episodes and tried < 3 * episodes + 10:
-                need = episodes - len(kept)
-                batch = list(range(next_seed, next_seed + need + (need + 9) // 10))
-                next_seed += len(batch)
-                # one job per seed keeps the workers busy until the end
-                jobs = [(suite, task_id, [s], resolution, tuple(cameras), params) for s in batch]
-                for result in pool.map(_sampled_worker, jobs):
-                    for s, ok, ep in result:
+            # one job per seed, at most one per worker and never more than the successes still
+            # needed: nothing is recorded after the last one needed came in
+            running: set = set()
+            while len(kept) < episodes and (running or next_seed - seed * 10_000 < limit):
+                while (
+                    len(running) < workers
+                    and len(kept) + len(running) < episodes
+                    and next_seed - seed * 10_000 < limit
+                ):
+                    job = (suite, task_id, [next_seed], resolution, tuple(cameras), params)
+                    running.add(pool.submit(_sampled_worker, job))
+                    next_seed += 1
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    for s, ok, ep in fut.result():
                         tried += 1
+                        solved += int(ok)
                         if ok and len(kept) < episodes:
                             kept.append((s, ep))
                         if progress is not None:
                             progress(len(kept), tried)
+            for fut in running:  # started before the last success came in: not needed
+                fut.cancel()
         kept.sort(key=lambda x: x[0])
         env_probe = get_task(suite, task_id)
         writer = LiberoHDF5Writer(tmp, image_orientation="raw")
@@ -293,7 +304,8 @@ def synthesize_sampled(
                     "instruction": env_probe.instruction,
                     "kept": len(kept),
                     "tried": tried,
-                    "expert_success_rate": len(kept) / tried if tried else 0.0,
+                    "solved": solved,
+                    "expert_success_rate": solved / tried if tried else 0.0,
                     "init_seeds": [s for s, _ in kept],
                     "mean_steps": float(np.mean([ep.length for _, ep in kept])) if kept else None,
                 }
