@@ -4,7 +4,9 @@ Target (Simulation issue): >= 80% of the 50 init states of each supported task.
 
     $ .venv/bin/python benchmarks/scripted_expert.py [--suites libero_object,libero_spatial] [--inits 50] [--workers 2]
 
-Prints a table and writes benchmarks/results/scripted_expert.json.
+Prints a table and writes benchmarks/results/scripted_expert.json, merging rows by (suite, task)
+into what the file holds (written after each task), so tasks can be measured in separate runs.
+Episodes reset softly (same observations as LIBERO's hard reset, 1.5 s less each).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def run_task(args: tuple[str, int, int]) -> dict:
     from vlatune.sim.env import LiberoEnv
     from vlatune.sim.expert import UnsupportedTask, run_expert_episode
 
-    env = LiberoEnv(suite, task_id, render=False)
+    env = LiberoEnv(suite, task_id, render=False, hard_reset=False)
     t0 = time.perf_counter()
     ok, steps = [], []
     try:
@@ -67,10 +69,12 @@ def main() -> None:
     args = ap.parse_args()
     tasks = [int(t) for t in args.tasks.split(",")] if args.tasks else list(range(10))
     jobs = [(s, t, args.inits) for s in args.suites.split(",") for t in tasks]
+    old = json.loads(args.out.read_text())["rows"] if args.out.is_file() else []
+    merged = {(r["suite"], r["task_id"]): r for r in old}
     with mp.get_context("forkserver").Pool(args.workers) as pool:
-        rows = []
         for row in pool.imap(run_task, jobs):
-            rows.append(row)
+            merged[(row["suite"], row["task_id"])] = row
+            write(args.out, sorted(merged.values(), key=lambda r: (r["suite"], r["task_id"])))
             if row["supported"]:
                 print(
                     f"{row['suite']:<15} task {row['task_id']}  {row['successes']:>2}/{row['episodes']}  ({100 * row['success_rate']:5.1f}%)  {row['task']}",
@@ -81,20 +85,15 @@ def main() -> None:
                     f"{row['suite']:<15} task {row['task_id']}  unsupported: {row['reason']}",
                     flush=True,
                 )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "scripted_expert",
-                "inits_per_task": args.inits,
-                "target": 0.8,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
     print(f"wrote {args.out}")
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"benchmark": "scripted_expert", "target": 0.8, "rows": rows}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

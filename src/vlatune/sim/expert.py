@@ -140,6 +140,7 @@ class ScriptedExpert:
         self._grasp_offset: float | None = None
         self._obj_height: float | None = None
         self.yaw: float = 0.0  # chosen hand turn about the vertical for the grasp (rad)
+        self._carry_z: float | None = None
         self._yaw0: float | None = None
 
     def _pos(self, name: str) -> np.ndarray:
@@ -196,11 +197,13 @@ class ScriptedExpert:
             goal, gripper = grasp, GRIPPER_CLOSE_ENV
             done = self.t_phase >= p.close_steps
         elif self.phase == "lift":
-            z = target_top + p.lift_clearance + hold
+            if self._carry_z is None:  # clear the target, and what the object stood on
+                self._carry_z = max(target_top + p.lift_clearance + hold, eef[2] + p.lift_clearance)
+            z = self._carry_z
             goal, gripper = np.array([eef[0], eef[1], max(z, eef[2])]), GRIPPER_CLOSE_ENV
             done = eef[2] > z - 2 * p.tolerance
         elif self.phase == "carry":
-            z = target_top + p.lift_clearance + hold
+            z = self._carry_z
             goal, gripper = np.array([target[0], target[1], z]), GRIPPER_CLOSE_ENV
             done = np.linalg.norm((goal - eef)[:2]) < p.tolerance
         elif self.phase == "lower":
