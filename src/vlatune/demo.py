@@ -133,19 +133,14 @@ def run_demo(
     say(f"[4/5] evaluating on {trials} held-out init states ({workers} workers) ...")
     t0 = time.perf_counter()
     eval_dir = out / "eval" / checkpoint.name
-    spec = EvalSpec(
+    spec = EvalSpec.from_config(
+        cfg.eval,
         policy=str(checkpoint),
         suite=suite,
         tasks=[task],
         trials=trials,
         first_init=0,
         workers=workers,
-        video=cfg.eval.video,
-        video_trials=cfg.eval.video_trials,
-        replan=cfg.eval.replan,
-        resolution=cfg.eval.resolution,
-        max_steps=cfg.eval.max_steps,
-        seed=cfg.eval.seed,
         out=eval_dir,
     )
     result = evaluate(

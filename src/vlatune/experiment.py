@@ -140,18 +140,13 @@ def run_experiment(
             r["trained"] = train(cfg, progress=progress)
         if eval_trials and not r["evaluated"]:
             say(f"[{c.name}] evaluating on {cfg.eval.suite} ...")
-            spec = EvalSpec(
+            spec = EvalSpec.from_config(
+                cfg.eval,
                 policy=str(r["trained"]["checkpoint"]),
                 suite=cfg.eval.suite,
                 tasks=cfg.eval.tasks,
                 trials=eval_trials,
                 workers=workers,
-                video=cfg.eval.video,
-                video_trials=cfg.eval.video_trials,
-                replan=cfg.eval.replan,
-                resolution=cfg.eval.resolution,
-                max_steps=cfg.eval.max_steps,
-                seed=cfg.eval.seed,
                 out=c.eval_dir,
             )
             r["evaluated"] = evaluate(spec)

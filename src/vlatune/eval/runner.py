@@ -76,6 +76,13 @@ class EvalSpec:
         if bad:
             raise ValueError(f"{self.suite} has tasks 0..{n_tasks - 1}; got {bad}")
 
+    @classmethod
+    def from_config(cls, ev, **kwargs) -> EvalSpec:
+        """A spec with a run config's `eval` section (video, replan, resolution, max steps,
+        seed) and the rest from `kwargs` (policy, suite, tasks, trials, workers, out, ...)."""
+        fields = ("video", "video_trials", "replan", "resolution", "max_steps", "seed")
+        return cls(**{f: getattr(ev, f) for f in fields}, **kwargs)
+
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out)
