@@ -13,7 +13,8 @@ each resume costs start-up time on top (reloading, decoding the frames again).
 
 `--data 0=outputs/demo/data` reuses the recordings of an earlier demo of that task. Rows are
 merged into benchmarks/results/demo.json by (suite, task, minutes), so budgets can be run in
-separate sessions. About 50 minutes per task on 2 cores with the defaults.
+separate sessions: a task whose work folder holds a run ending at a measured budget resumes
+from it and only trains the budgets above. About 50 minutes per task on 2 cores with the defaults.
 """
 
 from __future__ import annotations
@@ -39,6 +40,22 @@ def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
     return sorted(merged.values(), key=key)
 
 
+def minutes_done(path: Path, suite: str, task: int, run_dir: Path) -> float:
+    """Training minutes already behind the run in `run_dir`: those of the measured row whose
+    checkpoint is the run's latest, so a later session resumes exactly where one stopped."""
+    ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not ckpts:
+        return 0.0
+    old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    for r in old:
+        if (r["suite"], r["task"], r["checkpoint"]) == (suite, task, ckpts[-1].name):
+            return float(r["minutes"])
+    raise SystemExit(
+        f"{run_dir}: its latest checkpoint {ckpts[-1].name} is not a measured budget in {path} "
+        "(a run stopped between budgets); delete that run/ folder to train this task again"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="libero_object")
@@ -58,8 +75,10 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         if task in reuse and not (out / "data").exists():
             (out / "data").symlink_to(reuse[task].resolve(), target_is_directory=True)
-        done = 0.0
-        for minutes in budgets:
+        done = minutes_done(args.out, args.suite, task, out / "run")
+        if done:
+            print(f"task {task}: resuming after {done:g} measured minutes", flush=True)
+        for minutes in [m for m in budgets if m > done]:
             t0 = time.perf_counter()
             r = run_demo(
                 out,
