@@ -20,6 +20,13 @@ def test_to_upright_on_stacks_flips_only_image_axes():
     out = C.to_upright(stack)
     for t in range(4):
         np.testing.assert_array_equal(out[t], stack[t][::-1, ::-1])
+    assert out.flags.c_contiguous and out.dtype == np.uint8
+    # uint8 RGB goes through Pillow: views, nested stacks and other dtypes agree with numpy
+    view = stack[:, ::2, 1:]
+    np.testing.assert_array_equal(C.to_upright(view), view[:, ::-1, ::-1])
+    nested = stack.reshape(2, 2, 5, 6, 3)
+    np.testing.assert_array_equal(C.to_upright(nested), nested[..., ::-1, ::-1, :])
+    np.testing.assert_array_equal(C.to_upright(stack.astype(np.float32)), stack[:, ::-1, ::-1])
     with pytest.raises(ValueError):
         C.to_upright(np.zeros((4, 4)))
 

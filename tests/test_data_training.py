@@ -165,6 +165,20 @@ def test_augmentation_only_at_train_time():
     assert test.crop_box(40, 40) == (1, 1, 39, 39)  # centred, 0.9 of the area (38x38)
 
 
+@pytest.mark.parametrize("source", [128, 256])
+def test_resize_matches_pil_bilinear(source):
+    """The vectorised torch resize gives PIL's bilinear (antialiased) result, up- and down-
+    sampling, so frames look the same whichever produced them (checkpoints stay valid)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:source, 0:source] / source
+    img = np.stack([255 * xx, 255 * yy, 127 + 100 * np.sin(12 * xx * yy)], -1).astype(np.uint8)
+    ours = ImageTransform(224)(img).permute(1, 2, 0).numpy().astype(int)
+    pil = np.asarray(Image.fromarray(img).resize((224, 224), Image.BILINEAR)).astype(int)
+    assert ours.shape == pil.shape == (224, 224, 3)
+    assert np.abs(ours - pil).max() <= 2 and np.abs(ours - pil).mean() < 0.5
+
+
 def test_colour_jitter_is_brightness_contrast_saturation_composed():
     img = np.random.default_rng(1).integers(0, 255, (24, 24, 3), dtype=np.uint8)
     tf = ImageTransform(

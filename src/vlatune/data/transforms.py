@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 MIN_RANGE = 1e-3  # clamp for q99 - q01 and for std
 
@@ -55,6 +56,10 @@ class Normalizer:
         return cls(mode, low.reshape(-1), high.reshape(-1), keep)
 
     def _scale(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._center_half
+
+    @cached_property  # computed once: the normaliser runs on every sample
+    def _center_half(self) -> tuple[np.ndarray, np.ndarray]:
         if self.mode == "q99":
             center = (self.high + self.low) / 2
             half = np.maximum((self.high - self.low) / 2, MIN_RANGE / 2)
@@ -123,13 +128,18 @@ class ImageTransform:
         h, w = image.shape[:2]
         if self.train and (self.brightness or self.contrast or self.saturation):
             image = self._jitter(image)
-        pil = Image.fromarray(image)
         if self.crop_area < 1.0:
-            pil = pil.crop(self.crop_box(h, w))
-        if pil.size != (self.size, self.size):
-            pil = pil.resize((self.size, self.size), Image.BILINEAR)
+            left, top, right, bottom = self.crop_box(h, w)
+            image = image[top:bottom, left:right]
+        # (3, h, w) over the HWC buffer: channels-last, the layout of torch's vectorised uint8
+        # resize (bilinear with antialiasing, as PIL's; about 8x faster than PIL here)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        if x.shape[1:] != (self.size, self.size):
+            x = F.interpolate(
+                x[None], size=(self.size, self.size), mode="bilinear", antialias=True
+            )[0]
         # uint8: the model converts whole batches to float (4x less to move between processes)
-        return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+        return x.contiguous()
 
     def _jitter(self, image: np.ndarray) -> np.ndarray:
         """Brightness, contrast and saturation, composed into one affine colour map.
@@ -152,5 +162,7 @@ class ImageTransform:
             * b
             * (s * np.eye(3, dtype=np.float32) + (1 - s) * np.outer(np.ones(3, np.float32), w))
         )
-        out = x @ M.T + (1 - c) * b * m
-        return np.clip(out + 0.5, 0, 255).astype(np.uint8).reshape(image.shape)  # + 0.5: round
+        out = x @ M.T
+        out += (1 - c) * b * m + 0.5  # + 0.5: round
+        np.clip(out, 0, 255, out=out)
+        return out.astype(np.uint8).reshape(image.shape)

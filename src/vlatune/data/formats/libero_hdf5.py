@@ -234,15 +234,26 @@ class LiberoHDF5Reader(DatasetReader):
         ds = self._camera_ds(i, camera)
         idx = [int(j) for j in frames]
         if len(idx) == 1:
-            out = np.empty((1, *ds.shape[1:]), dtype=ds.dtype)
-            ds.read_direct(out, np.s_[idx[0] : idx[0] + 1])
-            return out
+            return _read_one(ds, idx[0])
         uniq, inv = np.unique(idx, return_inverse=True)  # h5py wants increasing unique indices
         return ds[uniq.tolist()][inv]
 
     def close(self) -> None:
         self._ds_cache.clear()
         self._h5.close()
+
+
+def _read_one(ds: h5py.Dataset, t: int) -> np.ndarray:
+    """Frame t of an image stack as (1, H, W, C), through h5py's low-level API: the high-level
+    selection machinery costs more than reading a small frame."""
+    n, *rest = ds.shape
+    if not 0 <= t < n:
+        raise IndexError(f"frame {t} out of range for {ds.name} with {n} frames")
+    out = np.empty((1, *rest), dtype=ds.dtype)
+    fspace = ds.id.get_space()
+    fspace.select_hyperslab((t, *[0] * len(rest)), out.shape)
+    ds.id.read(h5py.h5s.create_simple(out.shape), fspace, out)
+    return out
 
 
 def _camera_keys(obs: h5py.Group) -> dict[str, str]:
