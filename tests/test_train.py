@@ -87,14 +87,16 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "policy" / "model.safetensors")
 
 
-def test_exact_resume_after_sigkill(tmp_path, dataset):
-    straight = _train(tmp_path / "straight", dataset)
+@pytest.mark.parametrize("ema", [False, True])
+def test_exact_resume_after_sigkill(tmp_path, dataset, ema):
+    extra = ["train.ema_decay=0.9"] if ema else []
+    straight = _train(tmp_path / "straight", dataset, *extra)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = _train(tmp_path / "resumed", dataset, fault="after_checkpoint:4")
+    killed = _train(tmp_path / "resumed", dataset, *extra, fault="after_checkpoint:4")
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "resumed" / "checkpoint-4").is_dir()
     assert not (tmp_path / "resumed" / "checkpoint-8").exists()
-    resumed = _train(tmp_path / "resumed", dataset)
+    resumed = _train(tmp_path / "resumed", dataset, *extra)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     a = _weights(tmp_path / "straight" / "checkpoint-8")
@@ -102,6 +104,15 @@ def test_exact_resume_after_sigkill(tmp_path, dataset):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    raw = tmp_path / "straight/checkpoint-8/train_weights.safetensors"
+    assert raw.is_file() == ema
+    if ema:  # policy/ holds the average, beside the raw parameters the optimiser continues
+        ra, rb = (
+            load_file(raw),
+            load_file(tmp_path / "resumed/checkpoint-8/train_weights.safetensors"),
+        )
+        assert all(torch.equal(ra[k], rb[k]) for k in ra)
+        assert sum(not torch.equal(ra[k], a[k]) for k in ra) > len(ra) // 2
     # the optimizer moments too, and the metrics log has no duplicated steps
     oa = torch.load(tmp_path / "straight/checkpoint-8/optimizer.pt", weights_only=True)
     ob = torch.load(tmp_path / "resumed/checkpoint-8/optimizer.pt", weights_only=True)
@@ -116,6 +127,32 @@ def test_exact_resume_after_sigkill(tmp_path, dataset):
     assert [r["step"] for r in train_steps if "loss" in r] == [2, 4, 6, 8], steps
     # two parameter groups with their own lr: the energy model's is logged
     assert "lr_energy" in train_steps[-1] and "energy_pos" in train_steps[-1]
+
+
+def test_ema_is_the_warmed_up_moving_average_and_swaps_back():
+    from vlatune.train.ema import EMA
+
+    lin = torch.nn.Linear(2, 1, bias=False)
+    frozen = torch.nn.Parameter(torch.ones(1), requires_grad=False)
+    lin.register_parameter("frozen", frozen)
+    values = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 4.0]])]
+    with torch.no_grad():
+        lin.weight.copy_(torch.zeros(1, 2))
+    ema = EMA(lin, decay=0.5)
+    assert set(ema.shadow) == {"weight"}  # frozen parameters are not averaged
+    expect = torch.zeros(1, 2)
+    for step, v in enumerate(values):
+        with torch.no_grad():
+            lin.weight.copy_(v)
+        ema.update(lin, step)
+        d = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18..., 0.25
+        expect = d * expect + (1 - d) * v
+    torch.testing.assert_close(ema.shadow["weight"], expect)
+    with ema.averaged(lin):
+        torch.testing.assert_close(lin.weight.detach(), expect)
+    assert torch.equal(lin.weight.detach(), values[-1])
+    with pytest.raises(ValueError, match="ema_decay"):
+        EMA(lin, decay=1.0)
 
 
 def test_checkpoint_killed_mid_write_is_never_used(tmp_path, dataset, caplog):

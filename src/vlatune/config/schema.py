@@ -247,6 +247,12 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = False
     save_every: int = Field(500, gt=0)
     keep_last: int = Field(2, gt=0)
+    ema_decay: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="0: off; else checkpoints' policy/ holds this moving average of the weights",
+    )
     log_every: int = Field(10, gt=0)
     val_every: int | None = Field(None, gt=0)
     val_batches: int = Field(20, gt=0, description="validation batches per evaluation at most")

@@ -242,8 +242,11 @@ class ScriptedExpert:
         there would come closer than `hand_clearance` to a neighbour rising above the grasp
         point: then the turn (multiples of 15 degrees, up to `max_yaw_deg`) that keeps the most
         room and still fits the object between the fingers. A bowl (wider than the opening) is
-        pinched by its wall: on the -y side unless that side is crowded, then the side (-y, +y
-        with the hand straight; -x, +x turned 90 degrees) with the most room."""
+        pinched by its wall, on the side (-y, +y with the hand straight; -x, +x turned 90
+        degrees) nearest the robot's base among those with room for the hand (the arm need not
+        reach across the bowl: a bowl standing high and far to the side, on the cabinet, is
+        out of the straight hand's comfortable reach on its far wall); when every side is
+        crowded, the side with the most room."""
         p = self.p
         center, half = 0.5 * (lo[:2] + hi[:2]), 0.5 * (hi[:2] - lo[:2])
         room = self._room_fn(grasp_z, eef)
@@ -255,10 +258,14 @@ class ScriptedExpert:
                     (np.array([-wall[0], 0.0]), np.pi / 2),
                     (np.array([wall[0], 0.0]), np.pi / 2),
                 ]
-            first = room(center + sides[0][0], sides[0][1])
-            if first >= p.hand_clearance:
-                return center + sides[0][0], sides[0][1]
-            xy, yaw = max(sides, key=lambda sd: room(center + sd[0], sd[1]))
+            sim_env = self.env.sim
+            m, d = sim_env.sim.model._model, sim_env.sim.data._data
+            base = d.xpos[m.body(sim_env.robots[0].robot_model.root_body).id][:2]
+            free = [sd for sd in sides if room(center + sd[0], sd[1]) >= p.hand_clearance]
+            if free:
+                xy, yaw = min(free, key=lambda sd: float(np.linalg.norm(center + sd[0] - base)))
+            else:
+                xy, yaw = max(sides, key=lambda sd: room(center + sd[0], sd[1]))
             return center + xy, yaw
         size = hi[:2] - lo[:2]
 
@@ -299,12 +306,19 @@ class ScriptedExpert:
         for name in [*sim_env.objects_dict, *sim_env.fixtures_dict]:
             if name == self.obj:
                 continue
-            try:
-                o_lo, o_hi = object_extent(sim_env, name)
-            except UnsupportedTask:
-                continue
-            if o_hi[2] > grasp_z + 0.005:  # rises above the fingertips at the grasp
-                obstacles.append((o_lo[:2], o_hi[:2]))
+            # an object as one box; a fixture (cabinet, drawer, stove) geom by geom: its walls,
+            # not the box around all of it, which would also hold what stands in or on it
+            if name in sim_env.fixtures_dict:
+                root = m.body(sim_env.fixtures_dict[name].root_body).id
+                boxes = [_geoms_extent(sim_env, name, [g]) for g in _body_geoms(m, root)]
+            else:
+                try:
+                    boxes = [object_extent(sim_env, name)]
+                except UnsupportedTask:
+                    continue
+            for o_lo, o_hi in boxes:
+                if o_hi[2] > grasp_z + 0.005:  # rises above the fingertips at the grasp
+                    obstacles.append((o_lo[:2], o_hi[:2]))
 
         def room(xy: np.ndarray, yaw: float) -> float:
             c, s = np.cos(yaw), np.sin(yaw)

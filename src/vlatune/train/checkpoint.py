@@ -1,7 +1,9 @@
 """Training checkpoints: `checkpoint-<step>/`, complete or absent.
 
     checkpoint-<step>/
-      policy/                 Policy.save format (safetensors + config.json + normalization.json)
+      policy/                 Policy.save format (safetensors + config.json + normalization.json);
+                              with train.ema_decay the moving average of the weights
+      train_weights.safetensors   with train.ema_decay only: the raw trainable parameters
       optimizer.pt            optimizer state (tensors and numbers only; read with weights_only)
       rng_rank<r>.json        python, numpy and torch (CPU and CUDA) generator states per process
       trainer_state.json      step, micro-step, epoch, scheduler state, resolved config; written

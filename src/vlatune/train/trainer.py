@@ -38,10 +38,12 @@ import yaml
 from vlatune.config.schema import Config
 from vlatune.fsutil import write_json
 from vlatune.train import checkpoint as ckpt
+from vlatune.train.ema import EMA, load_trained_state, trained_state
 from vlatune.train.sampler import StepBatchSampler
 from vlatune.train.schedules import lr_multiplier
 
 log = logging.getLogger("vlatune.train")
+TRAIN_WEIGHTS = "train_weights.safetensors"  # raw parameters beside an averaged policy/ (EMA)
 
 
 class TrainError(ValueError):
@@ -90,6 +92,7 @@ class Trainer:
         if t.mixed_precision != "no" and not cuda and self.is_main:
             log.info("no GPU: training in fp32 (train.mixed_precision=%s applies on GPUs)", mp)
         self.run_dir = Path(t.output_dir)
+        self.ema: EMA | None = None
         self.show_progress = progress and self.is_main
 
     @property
@@ -210,7 +213,15 @@ class Trainer:
         acc.wait_for_everyone()
         write_json(tmp / f"rng_rank{acc.process_index}.json", ckpt.rng_state())
         if self.is_main:
-            acc.unwrap_model(model).save(tmp / "policy")
+            policy = acc.unwrap_model(model)
+            if self.ema is None:
+                policy.save(tmp / "policy")
+            else:  # deployed: the average; resumed from: the raw parameters
+                from safetensors.torch import save_file
+
+                with self.ema.averaged(policy):
+                    policy.save(tmp / "policy")
+                save_file(trained_state(policy), tmp / TRAIN_WEIGHTS)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         acc.wait_for_everyone()
         if self.is_main:
@@ -271,6 +282,26 @@ class Trainer:
             policy = VLAPolicy.from_pretrained(path / "policy")
             policy.train()
         policy, train_ds, val_ds, split = self._data(policy)
+        self.ema = None
+        if t.ema_decay > 0:
+            if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
+                raise TrainError(
+                    "train.ema_decay needs whole parameters in each process (plain or DDP "
+                    f"training); this run shards them ({acc.distributed_type.name})"
+                )
+            if resume is None:
+                self.ema = EMA(policy, t.ema_decay)
+            else:  # policy/ holds the average; the raw parameters continue training
+                from safetensors.torch import load_file
+
+                raw = resume[0] / TRAIN_WEIGHTS
+                if not raw.is_file():
+                    raise TrainError(
+                        f"{resume[0]} was saved without train.ema_decay (no {TRAIN_WEIGHTS}): "
+                        "resume it with the same setting, or start a new train.output_dir"
+                    )
+                self.ema = EMA(policy, t.ema_decay, shadow=trained_state(policy))
+                load_trained_state(policy, load_file(raw), raw)
         if self.cfg.train.gradient_checkpointing:
             what = policy.enable_gradient_checkpointing()
             log.info("gradient checkpointing: %s", what)
@@ -333,6 +364,8 @@ class Trainer:
             if not acc.sync_gradients:
                 continue
             scheduler.step()
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(model), step)
             step += 1
             n_window += 1
             epoch = sampler.epoch_of(micro)
