@@ -87,7 +87,7 @@ def main() -> None:
                 episodes=args.episodes,
                 minutes=minutes - done,
                 trials=args.trials,
-                overrides=["eval.video_trials=1"],
+                overrides=["eval.video_trials=1", "train.max_steps=1000000"],  # budgets are minutes
                 progress=False,
             )
             done = minutes

@@ -662,7 +662,13 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 @click.option("--suite", default="libero_object", show_default=True)
 @click.option("--task", "task_id", default=0, show_default=True, type=int)
 @click.option("--episodes", default=45, show_default=True, type=int, help="Demonstrations.")
-@click.option("--minutes", default=8.0, show_default=True, type=float, help="Training time.")
+@click.option(
+    "--minutes",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="Training time cap; the demo recipe also stops at train.max_steps (2,000).",
+)
 @click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
 @click.option(
