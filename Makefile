@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-lerobot test-fast lint format clean
 
 setup:
 	@scripts/setup.sh
@@ -15,6 +15,11 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the LeRobot library loads our v2.1 / v3.0 output (side environments: ~6 GB, 3 min once)
+test-lerobot: setup
+	@scripts/setup_lerobot.sh
+	$(BIN)/python -m pytest tests/test_lerobot_compat.py $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not sim and not slow" $(PYTEST_ARGS)

@@ -58,6 +58,12 @@ def test_libero_reader_layout_and_conventions(libero):
     np.testing.assert_array_equal(
         ds.read_frames(0, "agentview", [5, 1, 5]), ep.images["agentview"][[5, 1, 5]]
     )
+    # single frames take the low-level path (dataspaces made once): same pixels, bounds checked
+    T = len(ep.actions)
+    for t in (0, 7, T - 1, 7):
+        np.testing.assert_array_equal(ds.read_frames(0, "wrist", [t]), ep.images["wrist"][[t]])
+    with pytest.raises(IndexError, match=f"frame {T} out of range .*eye_in_hand_rgb with {T}"):
+        ds.read_frames(0, "wrist", [T])
 
 
 def test_custom_hdf5_mapping(custom):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -92,15 +91,18 @@ def to_upright(images: np.ndarray) -> np.ndarray:
     """
     if images.ndim < 3:
         raise ValueError(f"expected images of shape (..., H, W, C), got {images.shape}")
-    if images.dtype == np.uint8 and images.shape[-1] == 3:
-        # Pillow's 180-degree transpose: ~2.5x faster than numpy's copy of a doubly
-        # negative-strided array (element by element); exact (a pixel permutation)
-        flat = images.reshape(-1, *images.shape[-3:])
-        out = np.empty_like(flat)
-        for k, img in enumerate(flat):
-            out[k] = Image.fromarray(img).transpose(Image.Transpose.ROTATE_180)
-        return out.reshape(images.shape)
+    if images.dtype in _TORCH_FLIPPABLE:
+        # torch's flip: one vectorised pass (numpy copies a doubly negative-strided array
+        # element by element: ~20x slower on a 128 px frame); exact (a pixel permutation)
+        import torch  # lazily: reading conventions must not cost torch's import
+
+        return torch.from_numpy(np.ascontiguousarray(images)).flip(-3, -2).numpy()
     return np.ascontiguousarray(np.flip(images, axis=(-3, -2)))
+
+
+_TORCH_FLIPPABLE = {
+    np.dtype(t) for t in (np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64)
+}
 
 
 def quat2axisangle(quat: np.ndarray) -> np.ndarray:

@@ -123,11 +123,11 @@ class ImageTransform:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         h, w = image.shape[:2]
-        if self.train and (self.brightness or self.contrast or self.saturation):
-            image = self._jitter(image)
         if self.crop_area < 1.0:
             left, top, right, bottom = self.crop_box(h, w)
             image = image[top:bottom, left:right]
+        if self.train and (self.brightness or self.contrast or self.saturation):
+            image = self._jitter(image)  # on the crop (as torchvision's crop-then-jitter)
         # (3, h, w) over the HWC buffer: channels-last, the layout of torch's vectorised uint8
         # resize (bilinear with antialiasing, as PIL's; about 3x faster than PIL here)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
@@ -151,15 +151,15 @@ class ImageTransform:
             return float(self.rng.uniform(1 - amount, 1 + amount)) if amount > 0 else 1.0
 
         b, c, s = factor(self.brightness), factor(self.contrast), factor(self.saturation)
-        w = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        x = image.reshape(-1, 3).astype(np.float32)
-        m = float((x @ w).mean())
-        M = (
-            c
-            * b
-            * (s * np.eye(3, dtype=np.float32) + (1 - s) * np.outer(np.ones(3, np.float32), w))
-        )
-        out = x @ M.T
+        x = image.astype(np.float32)  # (h, w, 3), contiguous even from a cropped view
+        m = float((x.reshape(-1, 3) @ _GREY).mean())
+        M = c * b * (s * _EYE3 + (1 - s) * _GREY_ROWS)
+        out = x.reshape(-1, 3) @ M.T
         out += (1 - c) * b * m + 0.5  # + 0.5: round
         np.clip(out, 0, 255, out=out)
         return out.astype(np.uint8).reshape(image.shape)
+
+
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601 luma, as PIL's "L"
+_EYE3 = np.eye(3, dtype=np.float32)
+_GREY_ROWS = np.outer(np.ones(3, np.float32), _GREY)
