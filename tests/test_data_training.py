@@ -194,6 +194,16 @@ def test_colour_jitter_is_brightness_contrast_saturation_composed():
     np.testing.assert_allclose(out, np.clip(x, 0, 255), atol=1.0)
     assert np.abs(out - img).mean() > 3  # it did change the image
 
+    # with a crop, the jitter is of the whole frame (contrast pivots on the frame's mean grey),
+    # then cropped: the order every recipe was trained with
+    kw = dict(train=True, brightness=0.3, contrast=0.3, saturation=0.3)
+    whole = ImageTransform(24, **kw, rng=np.random.default_rng(4))(img)
+    rng = np.random.default_rng(4)
+    rng.uniform(0.7, 1.3, 3)  # the jitter's draws, then the crop's
+    top, left = int(rng.integers(0, 13)), int(rng.integers(0, 13))
+    cropped = ImageTransform(12, crop_area=0.25, **kw, rng=np.random.default_rng(4))(img)
+    assert torch.equal(cropped, whole[:, top : top + 12, left : left + 12])
+
 
 def test_dataloader_with_workers_and_lerobot_video(libero, tmp_path):
     convert(open_dataset(libero), tmp_path / "lr", "lerobot")

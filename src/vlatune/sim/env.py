@@ -123,8 +123,8 @@ class LiberoEnv:
     def set_rendering(self, on: bool) -> None:
         """Render the cameras for the following steps and restores, or not.
 
-        Rendering dominates simulation cost here (software GL: ~85 ms per camera image, physics
-        3 ms per step), and a policy that replans every K steps only looks at every K-th
+        Rendering dominates simulation cost here (software GL: ~56 ms per camera image, physics
+        and control 16.5 ms per step; benchmarks/eval_throughput.py), and a policy that replans every K steps only looks at every K-th
         observation. Switching robosuite's camera observables off skips their renders; their
         sampling clock stops with them and restarts in the same phase, so a rendered step returns
         exactly the image it returns with the cameras always on (tested). An observation from a
