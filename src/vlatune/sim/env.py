@@ -124,11 +124,12 @@ class LiberoEnv:
         """Render the cameras for the following steps and restores, or not.
 
         Rendering dominates simulation cost here (software GL: ~56 ms per camera image, physics
-        and control 16.5 ms per step; benchmarks/eval_throughput.py), and a policy that replans every K steps only looks at every K-th
-        observation. Switching robosuite's camera observables off skips their renders; their
-        sampling clock stops with them and restarts in the same phase, so a rendered step returns
-        exactly the image it returns with the cameras always on (tested). An observation from a
-        step without rendering has no images."""
+        and control 16.5 ms per step; benchmarks/eval_throughput.py), and a policy that
+        replans every K steps only looks at every K-th observation. Switching robosuite's
+        camera observables off skips their renders; their sampling clock stops with them and
+        restarts in the same phase, so a rendered step returns exactly the image it returns
+        with the cameras always on (tested). An observation from a step without rendering has
+        no images."""
         on = bool(on) and bool(self.cameras)
         if on == self._rendering:
             return
