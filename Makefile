@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-lerobot test-fast lint format clean
+.PHONY: setup demo test test-lerobot test-rlds test-fast lint format clean
 
 setup:
 	@scripts/setup.sh
@@ -20,6 +20,11 @@ test: setup
 test-lerobot: setup
 	@scripts/setup_lerobot.sh
 	$(BIN)/python -m pytest tests/test_lerobot_compat.py $(PYTEST_ARGS)
+
+# TensorFlow Datasets loads our RLDS output and we read what it writes (side env .venv-rlds: ~2 GB)
+test-rlds: setup
+	@scripts/setup_rlds.sh
+	$(BIN)/python -m pytest tests/test_rlds_compat.py $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not sim and not slow" $(PYTEST_ARGS)

@@ -1,4 +1,5 @@
-"""Training samples/s of the data layer: LIBERO HDF5 vs LeRobot v2.1 mp4 made from the same episodes.
+"""Training samples/s of the data layer: LIBERO HDF5 vs LeRobot v2.1 mp4 vs RLDS (JPEG frames, as
+OpenVLA's and Open X-Embodiment's RLDS sets store them) made from the same episodes.
 
 Setting (the Data issue's): 2 cameras, 224 px output, action horizon 8, batch 32, DataLoader
 workers 0 and 2, augmentation on (90% crop + colour jitter). The dataset is LIBERO-shaped
@@ -30,8 +31,10 @@ from tests.data_fixtures import make_libero_hdf5  # noqa: E402
 from vlatune.config import load_config  # noqa: E402
 from vlatune.data import open_dataset  # noqa: E402
 from vlatune.data.convert import convert  # noqa: E402
+from vlatune.data.formats.rlds import write_rlds  # noqa: E402
 from vlatune.data.stats import dataset_stats  # noqa: E402
 from vlatune.data.training import FrameDataset, make_loader  # noqa: E402
+from vlatune.train.sampler import StepBatchSampler  # noqa: E402
 
 
 def measure(path: Path, workers: int, batches: int, batch_size: int, augment: bool = True) -> float:
@@ -46,21 +49,18 @@ def measure(path: Path, workers: int, batches: int, batch_size: int, augment: bo
     )
     stats = dataset_stats(open_dataset(path))
     ds = FrameDataset.from_config(path, cfg.data, stats)
-    loader = make_loader(ds, batch_size, num_workers=workers)
-    it = iter(loader)
+    # the loader `vlatune train` builds (Trainer._loader): make_loader with the step sampler
+    warmup = 2 + 3 * workers
+    sampler = StepBatchSampler(len(ds), batch_size, seed=0, stop=warmup + batches)
+    it = iter(make_loader(ds, num_workers=workers, batch_sampler=sampler))
     # warm-up: workers start, open files and fill their per-episode caches (a worker's first
     # few batches run at about half its steady rate; a training run lives in the steady state)
-    for _ in range(2 + 3 * workers):
+    for _ in range(warmup):
         next(it)
     n = 0
     t0 = time.perf_counter()
     for _ in range(batches):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
-        n += len(batch["actions"])
+        n += len(next(it)["actions"])
     return n / (time.perf_counter() - t0)
 
 
@@ -81,7 +81,13 @@ def main() -> None:
         hdf5 = make_libero_hdf5(Path(tmp) / "hdf5", demos=args.episodes, T=args.frames, res=128)
         mp4 = Path(tmp) / "lerobot"
         convert(open_dataset(hdf5), mp4, "lerobot")
-        for name, path in (("libero_hdf5", hdf5), ("lerobot_v21_mp4", mp4)):
+        rlds = Path(tmp) / "rlds"
+        write_rlds(open_dataset(hdf5), rlds, name="bench", image_format="jpeg")
+        for name, path in (
+            ("libero_hdf5", hdf5),
+            ("lerobot_v21_mp4", mp4),
+            ("rlds_jpeg", rlds),
+        ):
             for augment in (True, False):
                 for workers in (0, 2):
                     runs = [

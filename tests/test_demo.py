@@ -1,4 +1,6 @@
-"""`vlatune demo` end to end with a tiny budget: every artifact exists and is well-formed."""
+"""`vlatune demo` end to end with a tiny budget: every artifact exists and is well-formed; a time
+cap that stops training short of the recipe is stated first in every output, and a rerun
+continues from the checkpoint to the recipe's steps. The report opens in a real Chromium."""
 
 from __future__ import annotations
 
@@ -16,18 +18,63 @@ from tests.conftest import run_cli
 pytestmark = [pytest.mark.sim, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo"
+SHORT = re.compile(
+    r"trained (\d+) of 30 steps \(stopped by --minutes 0.001\): not the recipe's result; "
+    r"rerun to continue"
+)
+
+
+def _demo(out: Path, *extra: str):
     r = run_cli(
-        "demo", "--episodes", "2", "--minutes", "5", "--trials", "2", "--workers", "2",
-        "--out", str(out), "train.max_steps=30", "train.save_every=20", "train.val_every=10",
+        "demo", "--episodes", "2", "--trials", "2", "--workers", "2", "--out", str(out),
+        *extra, "train.max_steps=30", "train.save_every=20", "train.val_every=10",
         "eval.max_steps=40", "data.batch_size=8",
+        env={"VLATUNE_PROGRESS_INTERVAL": "0"},  # a progress line per step, into the pipe
         timeout=900,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "report:" in r.stdout
-    return out
+    return r
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory) -> tuple[Path, dict, str, str, str]:
+    """A first run capped by --minutes (training stops after a step or two), what it wrote,
+    then a rerun without the cap that continues to the recipe's 30 steps."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    short = _demo(out, "--minutes", "0.001")
+    summary = json.loads((out / "demo_summary.json").read_text())
+    md = (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    rerun = _demo(out)
+    return out, summary, short.stdout, md + "\n<html>\n" + page, rerun.stdout + rerun.stderr
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_runs) -> Path:
+    return demo_runs[0]
+
+
+def test_a_capped_demo_says_it_is_short_first(demo_runs):
+    out, summary, stdout, reports, rerun_log = demo_runs
+    md, page = reports.split("\n<html>\n")
+    assert list(summary)[0] == "note" and SHORT.fullmatch(summary["note"]), summary["note"]
+    steps = int(SHORT.fullmatch(summary["note"])[1])
+    assert 1 <= steps < 30 and summary["steps"] == steps and not summary["complete"]
+    # the console: stated after training and as the first line of the result
+    text = " ".join(stdout.split())  # the console wraps long lines in a pipe
+    final = text.index("[5/5] ")
+    assert SHORT.match(text, final + len("[5/5] ")), text[final:]
+    assert text.index(" success ", final) > final
+    assert SHORT.fullmatch(md.splitlines()[0].strip("*"))
+    body = page[page.index("<body>") + len("<body>") :].lstrip()
+    assert body.startswith("<p id='note' class='note'><b>trained ")
+    # the rerun continued from that checkpoint to the recipe's end and says nothing of the kind
+    full = json.loads((out / "demo_summary.json").read_text())
+    assert full["note"] is None and full["complete"] and full["steps"] == 30
+    assert full["recipe_steps"] == 30
+    assert f"checkpoint-{steps} (step {steps})" in rerun_log  # resumed, not restarted
+    assert "[train] " in rerun_log and " eta " in rerun_log  # progress lines in a log
 
 
 def test_demo_artifacts(demo_dir):
@@ -70,7 +117,8 @@ def test_demo_artifacts(demo_dir):
     episodes = [json.loads(x) for x in (eval_dir / "episodes.jsonl").read_text().splitlines()]
     assert sorted(e["init_index"] for e in episodes) == [0, 1]
     results = json.loads((eval_dir / "results.json").read_text())
-    assert results["overall"]["trials"] + results["overall"]["errors"] == 2
+    assert results["overall"]["trials"] == 2 and results["counting_rule"]
+    assert summary["failures"] + summary["successes"] + summary["errors"] == 2
     assert summary["success_rate"] == results["overall"]["success_rate"]
     for e in episodes:
         frames = decode_frames(eval_dir / e["video"], list(range(3)), 20)
@@ -100,11 +148,17 @@ def _chromium() -> str | None:
 def test_report_in_headless_browser(demo_dir):
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("no Chromium on this machine (apt install chromium) to check report.html in")
+        pytest.skip(
+            "no Chromium on this machine to open report.html in: `apt-get install chromium` "
+            "(.ci/run does it on Debian)"
+        )
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright) to drive Chromium")
+        pytest.skip(
+            "playwright is not installed (it comes with the dev extra: make setup) to drive "
+            "Chromium"
+        )
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -114,6 +168,7 @@ def test_report_in_headless_browser(demo_dir):
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.goto((demo_dir / "report.html").as_uri())
         assert "Success rate" in page.inner_text("#success-rate")
+        assert "fallbacks:" in page.inner_text("#counts")
         page.wait_for_timeout(1500)
         playing = page.evaluate(
             "Array.from(document.querySelectorAll('video')).some(v => v.currentTime > 0 && !v.paused)"

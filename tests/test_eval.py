@@ -1,5 +1,6 @@
 """Evaluation runner: Wilson intervals, plans and shards, conventions checked first (unit), and
-in the simulator: replay of synthetic demos, resume, max steps, videos, crashed workers."""
+in the simulator: replay of synthetic demos, resume, max steps, videos, crashed workers
+(errors count as failures). Counting, fallbacks and settings: tests/test_eval_trust.py."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_wilson_known_values(k, n, low, high):
     assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
 
 
-def test_errors_are_not_failures():
+def test_errors_count_as_failures_with_the_finished_rate_beside():
     eps = [
         {
             "suite": "libero_object",
@@ -55,7 +56,8 @@ def test_errors_are_not_failures():
         },
     ]
     s = summarize(eps)["overall"]
-    assert (s["trials"], s["successes"], s["errors"], s["success_rate"]) == (2, 1, 1, 0.5)
+    assert (s["trials"], s["successes"], s["failures"], s["errors"]) == (3, 1, 1, 1)
+    assert s["success_rate"] == pytest.approx(1 / 3) and s["success_rate_finished"] == 0.5
 
 
 def test_plan_init_states_and_shards(tmp_path):
@@ -208,7 +210,8 @@ def test_crashed_worker_is_replaced_and_its_episode_retried(tmp_path):
     summary = evaluate(spec)
     (e,) = read_episodes(tmp_path / "always" / "episodes.jsonl")
     assert e["success"] is None and "worker crashed twice" in e["error"]
-    assert summary["overall"]["errors"] == 1 and summary["overall"]["trials"] == 0
+    assert summary["overall"]["errors"] == 1 and summary["overall"]["trials"] == 1
+    assert summary["overall"]["success_rate"] == 0.0  # an error counts as a failure
 
 
 @pytest.mark.sim

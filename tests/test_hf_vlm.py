@@ -14,7 +14,7 @@ from hf_fixtures import tiny_qwen2_5_vl
 from test_policies import CAMS, STATS, fixed_batch, observation
 from vlatune.config import Config
 from vlatune.policies import VLAPolicy, build_policy
-from vlatune.policies.hf_vlm import ACTION_TOKEN
+from vlatune.policies.composed.hf_vlm import ACTION_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def two_obs_batch():
 
 @pytest.mark.parametrize("tokenizer", ["fast", "bins"])
 def test_tokens_head_learns_and_decodes_with_kv_cache(qwen, tokenizer, tmp_path):
-    policy = make(qwen, "tokens", action_tokenizer=tokenizer, fast_vocab=64)
+    policy = make(qwen, "tokens", action_tokenizer=tokenizer, fast_vocab=128)
     assert policy.backbone.tokenizer.convert_tokens_to_ids(ACTION_TOKEN.format(0)) is not None
     obs, batch = two_obs_batch()
     if tokenizer == "fast":  # targets FAST represents well: smooth chunks

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from vlatune.config import Config
+from vlatune.config import Config, OptimConfig
 from vlatune.eval.policies import check_conventions, load_policy
 from vlatune.policies import VLAPolicy, build_policy
-from vlatune.policies.energy import EnergyModel, infonce
+from vlatune.policies.composed.energy import EnergyModel, infonce
 
 CAMS = ["agentview", "wrist"]
 STATS = {
@@ -142,12 +142,16 @@ def test_energy_model_trains_and_corrects():
 
 
 def test_energy_policy_groups_and_freeze():
-    policy = make_policy("l1", energy={"enabled": True, "lr": 1e-3})
-    groups = policy.param_groups(1e-4, 0.01, 1e-3)
+    policy = make_policy("l1", energy={"enabled": True, "lr": 1e-3, "warmup_steps": 7})
+    groups = policy.param_groups(OptimConfig(lr=1e-4, weight_decay=0.01))
     energy = [g for g in groups if g["name"] == "energy"]
-    assert energy and energy[0]["lr"] == 1e-3
+    assert energy and energy[0]["lr"] == 1e-3 and energy[0]["warmup_steps"] == 7
+    assert all(g["lr"] == 1e-4 and "warmup_steps" not in g for g in groups if g is not energy[0])
     out = policy(fixed_batch())
     assert {"energy_loss", "energy_pos", "energy_neg"} <= set(out)
+    loss, metrics = policy.compute_loss(fixed_batch())  # the policy interface
+    assert loss.requires_grad and set(metrics) == set(out)
+    assert float(metrics["loss"]) == pytest.approx(float(loss))
     frozen = make_policy("l1", freeze=["backbone.conv.*"])
     assert not any(
         p.requires_grad for n, p in frozen.named_parameters() if n.startswith("backbone.conv.")

@@ -16,6 +16,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from vlatune import __version__
 from vlatune.config import ConfigError, dump_config, load_config
 from vlatune.data.episode import DataError
 from vlatune.sim.setup import SimUnavailable
@@ -36,9 +37,21 @@ class VlatuneGroup(click.Group):
             if os.environ.get("VLATUNE_DEBUG"):
                 raise
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full disk, a read-only folder: one sentence, no traceback
+            if os.environ.get("VLATUNE_DEBUG"):
+                raise
+            from vlatune.fsutil import os_error_sentence
+
+            raise click.ClickException(os_error_sentence(e)) from None
 
 
 @click.group(cls=VlatuneGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(
+    __version__,
+    "--version",
+    prog_name="vlatune",
+    message="%(prog)s %(version)s (`vlatune version` lists the libraries' versions)",
+)
 def cli() -> None:
     """vlatune: fine-tune and evaluate Vision-Language-Action policies on LIBERO and your data."""
 
@@ -68,7 +81,7 @@ def config_show(file: Path, overrides: tuple[str, ...]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ data
-FORMAT_CHOICE = click.Choice(["auto", "libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30"])
+FORMAT_CHOICE = click.Choice(["auto", "libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30", "rlds"])
 
 
 def _open(path: Path, fmt: str, mapping: Path | None):
@@ -81,7 +94,7 @@ def _dataset_options(f):
     f = click.option(
         "--mapping",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="Key mapping YAML for --format hdf5.",
+        help="Key mapping YAML for --format hdf5 or rlds.",
     )(f)
     f = click.option(
         "--format",
@@ -95,31 +108,19 @@ def _dataset_options(f):
 
 
 def _progress(total: int, label: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    """(context manager, tick(i)): a bar with counts on a terminal, a timed line at least every
+    few seconds in a log (`vlatune.progress`)."""
+    from vlatune.progress import Progress
 
-    bar = Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        transient=True,
-    )
-    task = bar.add_task(label, total=total)
-    return bar, lambda i: bar.update(task, completed=i + 1)
+    bar = Progress(total, label)
+    return bar, lambda i: bar.set(i + 1)
 
 
 def _write_json_atomic(obj, out: Path) -> None:
+    from vlatune.fsutil import write_json  # temporary removed on failure (a full disk)
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, obj)
 
 
 @cli.group()
@@ -131,9 +132,12 @@ def data() -> None:
 @_dataset_options
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object.")
 def data_inspect(path: Path, fmt: str, mapping: Path | None, as_json: bool) -> None:
-    """Format, episodes, frames, fps, tasks, features and declared conventions of PATH."""
+    """Format, episodes, frames, fps, tasks, features and declared conventions of PATH.
+
+    Reads metadata only (not the episodes' contents): `vlatune data check` looks inside."""
     with _open(path, fmt, mapping) as ds:
         summary = ds.info.to_json(ds.tasks())
+    summary["contents_checked"] = False  # metadata only: `data check` reads the episodes
     if as_json:
         click.echo(json.dumps(summary))
         return
@@ -145,6 +149,8 @@ def data_inspect(path: Path, fmt: str, mapping: Path | None, as_json: bool) -> N
         f"image orientation: {summary['image_orientation']} ({summary['image_orientation_source']}), "
         f"gripper: {summary['gripper']}, action range: {summary['action_range']}"
     )
+    for name, source in summary.get("conventions", {}).items():  # RLDS: where each came from
+        console.print(f"  {name}: {source}", markup=False)
     tasks = Table("episodes", "instruction")
     for t in summary["tasks"]:
         tasks.add_row(str(t["episodes"]), t["instruction"])
@@ -153,12 +159,21 @@ def data_inspect(path: Path, fmt: str, mapping: Path | None, as_json: bool) -> N
     for name, spec in summary["features"].items():
         feats.add_row(name, str(tuple(spec["shape"])), spec["dtype"])
     console.print(feats)
+    console.print(
+        "metadata only: the episodes were not read; `vlatune data check PATH` looks inside them"
+    )
 
 
 @data.command("check")
 @_dataset_options
 def data_check(path: Path, fmt: str, mapping: Path | None) -> None:
-    """Validate every episode; one line per problem; exit 1 when anything is wrong."""
+    """Validate every episode; one line per problem; exit 1 when anything is wrong.
+
+    Reads everything: each episode's actions, states and extras (NaN / inf, lengths, shapes
+    against the other episodes, data not declared) and decodes every frame of every camera
+    (uint8, 3 channels, frame counts). `train` and `convert` run the same checks, reading only
+    the first and last frame of each camera.
+    """
     from vlatune.data.check import check_dataset
 
     with _open(path, fmt, mapping) as ds:
@@ -183,10 +198,16 @@ def data_check(path: Path, fmt: str, mapping: Path | None) -> None:
 )
 @click.option("--images", is_flag=True, help="Also per-channel image statistics (sampled frames).")
 def data_stats(path: Path, fmt: str, mapping: Path | None, out: Path | None, images: bool) -> None:
-    """Per-feature mean, std, min, max, q01, q99 in one streaming pass (JSON)."""
+    """Per-feature mean, std, min, max, q01, q99 in one streaming pass (JSON). Refuses data
+    with a blocking problem (NaN / inf, shapes, lengths: the validation `train` runs), so no
+    statistics file ever holds NaN."""
     from vlatune.data.stats import dataset_stats
+    from vlatune.data.validate import validate_dataset
 
     with _open(path, fmt, mapping) as ds:
+        validate_dataset(ds, images="sample").raise_if_blocking(
+            "statistics", "train with data.skip_bad_episodes=true"
+        )
         bar, tick = _progress(len(ds), "statistics")
         with bar:
             stats = dataset_stats(ds, images=images, progress=tick)
@@ -206,7 +227,7 @@ def data_stats(path: Path, fmt: str, mapping: Path | None, out: Path | None, ima
     type=float,
     help="Fraction of each task's episodes held out.",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Shuffling seed.")
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -216,10 +237,13 @@ def data_split(
     path: Path, fmt: str, mapping: Path | None, test_fraction: float, seed: int, out: Path | None
 ) -> None:
     """Split by episode, stratified by task, deterministic for a seed."""
-    from vlatune.data.split import split_episodes
+    from vlatune.data.split import held_out_warning, split_episodes
 
     with _open(path, fmt, mapping) as ds:
         split = split_episodes(ds, test_fraction, seed)
+    warning = held_out_warning(split, "--test-fraction 0")
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if out is None:
         click.echo(json.dumps(split))
     else:
@@ -234,8 +258,8 @@ def data_split(
     "--to",
     "target",
     required=True,
-    type=click.Choice(["lerobot", "lerobot-v3", "hdf5"]),
-    help="lerobot = LeRobot v2.1; lerobot-v3 = v3.0; hdf5 = LIBERO-style HDF5.",
+    type=click.Choice(["lerobot", "lerobot-v3", "hdf5", "rlds"]),
+    help="lerobot = LeRobot v2.1; lerobot-v3 = v3.0; hdf5 = LIBERO-style HDF5; rlds = TFDS RLDS.",
 )
 @click.option(
     "--format",
@@ -261,7 +285,13 @@ def data_split(
     "--orientation",
     type=click.Choice(["raw", "upright"]),
     default=None,
-    help="Rotate frames to this orientation (default: keep).",
+    help="Frame orientation to write. Default: upright for LeRobot (as LeRobot's own LIBERO "
+    "datasets are: LIBERO's raw renders are rotated 180 degrees), the source's otherwise.",
+)
+@click.option(
+    "--skip-bad-episodes",
+    is_flag=True,
+    help="Leave out episodes that fail validation (listed) instead of refusing to convert.",
 )
 def data_convert(
     src: Path,
@@ -271,19 +301,45 @@ def data_convert(
     mapping: Path | None,
     codec: str,
     orientation: str | None,
+    skip_bad_episodes: bool,
 ) -> None:
-    """Convert SRC to DST (written to a temporary folder, renamed at the end)."""
+    """Convert SRC to DST (validated first; written to a temporary folder, renamed at the end)."""
     from vlatune.data.convert import convert
 
+    if orientation is None and target.startswith("lerobot"):
+        orientation = "upright"  # what LeRobot, openpi and OFT users expect to load
     with _open(src, fmt, mapping) as ds:
+        source_orientation = ds.info.image_orientation
         bar, tick = _progress(len(ds), "converting")
-        with bar:
+        check_bar, check_tick = _progress(len(ds), "validating")
+        with check_bar, bar:
             report = convert(
-                ds, dst, target, codec=codec, image_orientation=orientation, progress=tick
+                ds,
+                dst,
+                target,
+                codec=codec,
+                image_orientation=orientation,
+                progress=tick,
+                skip_bad_episodes=skip_bad_episodes,
+                check_progress=check_tick,
             )
+    for line in report.get("warnings", []):
+        err_console.print(f"warning: {line}", highlight=False, markup=False)
+    if report.get("skipped_episodes"):
+        eps = report["skipped_episodes"]
+        err_console.print(
+            f"skipped {len(eps)} bad episode(s) (--skip-bad-episodes): {eps}", highlight=False
+        )
     console.print(
         f"wrote {report['format']} to {report['path']}: {report['episodes']} episodes, {report['frames']} frames"
     )
+    written = orientation or source_orientation
+    if written == source_orientation:
+        how = f"{written}, as in the source"
+    else:
+        how = f"{written}, rotated 180 degrees from the source's {source_orientation} frames"
+    hint = "; --orientation raw keeps LIBERO's raw renders" if written == "upright" else ""
+    console.print(f"frames: {how}{hint}", highlight=False)
     for cam, value in report["psnr_db"].items():
         text = (
             "lossless" if value == float("inf") else ("n/a" if value is None else f"{value:.2f} dB")
@@ -344,10 +400,13 @@ def sim_setup() -> None:
 )
 def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
     """Create a LIBERO task, apply init state 0, settle, save both cameras upright as PNG."""
+    from vlatune.progress import Progress
     from vlatune.sim.check import run_sim_check
 
-    with console.status(f"creating {suite} task {task_id} at {resolution} px (8-16 s on CPU)..."):
+    # creating the environment takes 8-16 s on a CPU: a bar, or a line every few seconds
+    with Progress(1, f"sim check {suite} task {task_id} at {resolution} px", unit="task") as bar:
         result = run_sim_check(suite, task_id, resolution, out_dir)
+        bar.set(1)
     console.print(f"[bold]{result.suite}[/] task {result.task_id}: {result.instruction}")
     table = Table("stage", "seconds")
     t = result.timings
@@ -363,13 +422,21 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
 
 
 @sim.command("synth")
-@click.option("--suite", default="libero_object", show_default=True)
+@click.option("--suite", default="libero_object", show_default=True, help="LIBERO suite.")
 @click.option("--tasks", default="0", show_default=True, help="Comma-separated task indices.")
 @click.option(
     "--episodes", default=10, show_default=True, type=int, help="Successful episodes per task."
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--resolution", default=128, show_default=True, type=int)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: LIBERO HDF5 files, one per task, and synth_report.json.",
+)
+@click.option(
+    "--resolution", default=128, show_default=True, type=int, help="Camera resolution (pixels)."
+)
 @click.option(
     "--first-init",
     default=0,
@@ -408,11 +475,12 @@ def sim_synth(
     noise: float,
 ) -> None:
     """Record scripted-expert demonstrations as LIBERO HDF5 (raw orientation, env gripper)."""
+    from vlatune.progress import Progress
     from vlatune.sim.expert import ExpertParams
     from vlatune.sim.synth import synthesize, synthesize_sampled
 
     task_ids = _parse_ints(tasks)
-    with console.status("synthesising...") as status:
+    with Progress(episodes * len(task_ids), "synth", unit="kept") as bar:
         if init_source == "sampled":
             if len(task_ids) != 1:
                 raise click.UsageError("--init sampled records one task at a time (--tasks N)")
@@ -425,11 +493,17 @@ def sim_synth(
                 cameras=tuple(c.strip() for c in cameras.split(",")),
                 workers=workers,
                 params=ExpertParams(noise=noise),
-                progress=lambda k, n: status.update(f"{k}/{episodes} kept, {n} tried"),
+                progress=lambda k, n: bar.set(k, tried=n),
             )
         else:
             report = synthesize(
-                suite, task_ids, episodes, out_dir, resolution, first_init, progress=status.update
+                suite,
+                task_ids,
+                episodes,
+                out_dir,
+                resolution,
+                first_init,
+                progress=lambda k, n: bar.set(k, tried=n),
             )
     table = Table("task", "kept", "tried", "expert success", "mean steps")
     for t in report["tasks"].values():
@@ -448,18 +522,24 @@ def sim_synth(
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--suite", required=True, help="The suite the demos belong to (libero_object, ...).")
-@click.option("--resolution", default=256, show_default=True, type=int)
+@click.option(
+    "--resolution", default=256, show_default=True, type=int, help="Camera resolution (pixels)."
+)
 @click.option(
     "--workers", default=1, show_default=True, type=int, help="Files processed in parallel."
 )
 def sim_regenerate(src: Path, dst: Path, suite: str, resolution: int, workers: int) -> None:
     """Replay raw LIBERO demos at a new resolution, drop no-ops and failed replays (resumable)."""
+    from vlatune.progress import Progress
     from vlatune.sim.regenerate import regenerate
 
-    with console.status("regenerating...") as status:
-        summary = regenerate(
-            src, dst, suite, resolution, workers, progress=lambda t: status.update(f"done: {t}")
-        )
+    with Progress(None, "regenerate", unit="files") as bar:
+
+        def tick(done: int, total: int, task: str) -> None:
+            bar.total = total
+            bar.set(done, last=task)
+
+        summary = regenerate(src, dst, suite, resolution, workers, progress=tick)
     table = Table("task", "demos", "kept", "no-ops dropped")
     for task, row in summary.items():
         table.add_row(task, str(row["demos"]), str(row["kept"]), str(row["dropped_noops"]))
@@ -489,8 +569,12 @@ def _parse_shard(text: str) -> tuple[int, int]:
 
 
 @cli.group(invoke_without_command=True)
-@click.option("--policy", help="scripted, replay:DATASET, or package.module:factory.")
-@click.option("--suite", default="libero_object", show_default=True)
+@click.option(
+    "--policy",
+    help="A checkpoint folder (runs/x/checkpoint-<step>) or saved policy folder, scripted, "
+    "replay:DATASET, or package.module:factory.",
+)
+@click.option("--suite", default="libero_object", show_default=True, help="LIBERO suite.")
 @click.option("--tasks", default=None, help="Comma-separated task indices (default: all).")
 @click.option(
     "--trials",
@@ -499,7 +583,14 @@ def _parse_shard(text: str) -> tuple[int, int]:
     type=int,
     help="Trials per task; trial k uses init state k % 50.",
 )
-@click.option("--seed", default=7, show_default=True, type=int)
+@click.option(
+    "--seed",
+    default=7,
+    show_default=True,
+    type=int,
+    help="Base seed: each episode seeds numpy and torch from (seed, trial), so results do not "
+    "depend on --workers or on resuming.",
+)
 @click.option(
     "--workers",
     default=1,
@@ -508,7 +599,11 @@ def _parse_shard(text: str) -> tuple[int, int]:
     help="Worker processes (1: in this process).",
 )
 @click.option(
-    "--video", type=click.Choice(["failures", "all", "none"]), default="failures", show_default=True
+    "--video",
+    type=click.Choice(["failures", "all", "none"]),
+    default="failures",
+    show_default=True,
+    help="Which episodes to film.",
 )
 @click.option(
     "--video-trials",
@@ -523,6 +618,7 @@ def _parse_shard(text: str) -> tuple[int, int]:
     default=Path("outputs/eval"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
+    help="Results folder; re-running the same command there resumes.",
 )
 @click.option(
     "--max-steps",
@@ -532,12 +628,17 @@ def _parse_shard(text: str) -> tuple[int, int]:
 )
 @click.option(
     "--replan",
-    default=8,
-    show_default=True,
+    default=None,
     type=int,
-    help="Actions executed from each chunk before re-querying.",
+    help="Actions executed from each chunk before re-querying (default: the checkpoint's "
+    "training setting, else 8).",
 )
-@click.option("--resolution", default=256, show_default=True, type=int, help="Camera resolution.")
+@click.option(
+    "--resolution",
+    default=None,
+    type=int,
+    help="Camera resolution (default: the checkpoint's training setting, else 256).",
+)
 @click.option(
     "--shard",
     default="0/1",
@@ -595,26 +696,78 @@ def eval(
         first_init=first_init,
     )
 
+    from vlatune.eval.results import outcome
+    from vlatune.eval.runner import plan
+    from vlatune.progress import Progress
+
+    try:
+        planned = {e["id"] for e in plan(spec)}
+    except (KeyError, ValueError):  # an unknown suite: evaluate() says so in its own words
+        planned = None
+    prior = _finished_episodes(out_dir / "episodes.jsonl", planned)
+    if prior:
+        of = f" of {len(planned)}" if planned else ""
+        console.print(
+            f"resuming: {prior}{of} episodes done in {out_dir}/episodes.jsonl; running the rest",
+            highlight=False,
+        )
+
     def show(result, done, total) -> None:
-        outcome = "error" if result["error"] else ("success" if result["success"] else "failure")
-        console.print(f"[{done}/{total}] {result['id']}: {outcome} ({result['steps']} steps)")
+        what = outcome(result)
+        if result.get("exception") and what == "failure":
+            exc = result["exception"]
+            message = exc["message"] if len(exc["message"]) <= 100 else exc["message"][:97] + "..."
+            what += f" ({exc['stage']} raised {message})"
+        where = f"{result['id']} (init state {result['init_index']})"
+        bar.total = prior + total
+        bar.note(f"[{prior + done}/{prior + total}] {where}: {what} ({result['steps']} steps)")
+        bar.set(prior + done)
 
-    summary = evaluate(spec, progress=show)
-    _print_summary(summary, out_dir)
+    # a heartbeat line every few seconds while an episode runs (plain output), a bar on a terminal
+    with Progress(None, "eval", start=prior, unit="episodes") as bar:
+        summary = evaluate(spec, progress=show, warn=_warn)  # warns about errors, fallbacks
+    _print_summary(summary, out_dir, warn=False)
 
 
-def _print_summary(summary, out_dir: Path) -> None:
-    table = Table("task", "trials", "success", "95% CI", "errors")
+def _finished_episodes(log: Path, planned: set[str] | None = None) -> int:
+    """Episodes already recorded in an eval folder's episodes.jsonl (what a re-run skips),
+    among the `planned` episode ids when given."""
+    if not log.is_file():
+        return 0
+    from vlatune.eval.runner import latest_episodes, read_episodes
+
+    return sum(
+        1
+        for e in latest_episodes(read_episodes(log))
+        if e.get("error") is None and (planned is None or e["id"] in planned)
+    )
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {text}", highlight=False, markup=True)
+
+
+def _print_summary(summary, out_dir: Path, warn: bool = True) -> None:
+    from vlatune.eval.results import headline, warnings_for
+
+    cols = ("task", "trials", "successes", "failures", "errors", "success", "95% CI")
+    table = Table(*cols, "fallbacks/queries")
     for r in [*summary["tasks"], summary["overall"]]:
         rate = "-" if r["success_rate"] is None else f"{100 * r['success_rate']:.1f}%"
         table.add_row(
             r["name"],
             str(r["trials"]),
+            str(r["successes"]),
+            str(r["failures"]),
+            str(r["errors"]),
             rate,
             f"[{100 * r['ci95_low']:.1f}, {100 * r['ci95_high']:.1f}]",
-            str(r["errors"]),
+            f"{r['fallback_queries']}/{r['queries']}",
         )
     console.print(table)
+    for line in warnings_for(summary) if warn else []:
+        _warn(line)
+    console.print(f"success {headline(summary['overall'])} (errors count as failures)")
     console.print(
         f"results: {out_dir / 'results.json'}, {out_dir / 'results.csv'}, {out_dir / 'success_rates.png'}"
     )
@@ -624,7 +777,13 @@ def _print_summary(summary, out_dir: Path) -> None:
 @click.argument(
     "dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
 )
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the merged results.",
+)
 def eval_merge(dirs: tuple[Path, ...], out_dir: Path) -> None:
     """Combine the output folders of `--shard i/n` runs into one."""
     from vlatune.eval.runner import merge
@@ -632,12 +791,59 @@ def eval_merge(dirs: tuple[Path, ...], out_dir: Path) -> None:
     _print_summary(merge(list(dirs), out_dir), out_dir)
 
 
+@cli.command()
+@click.argument("policy")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on; the default is this machine only (0.0.0.0: every interface).",
+)
+@click.option("--port", default=8000, show_default=True, type=int, help="0: any free port.")
+@click.option(
+    "--max-batch", default=8, show_default=True, type=int, help="Requests per forward pass."
+)
+@click.option(
+    "--max-wait-ms",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="How long the first request of a batch waits for others.",
+)
+@click.option("--stop-on-stdin-eof", is_flag=True, hidden=True)
+def serve(policy, host, port, max_batch, max_wait_ms, stop_on_stdin_eof) -> None:
+    """Serve POLICY (a checkpoint folder, replay:DATASET or package.module:factory) over a
+    websocket to eval workers and robots (`vlatune eval --policy ws://HOST:PORT`,
+    `vlatune.serving.PolicyClient`); see docs/serving.md."""
+    from vlatune.serving.server import run
+
+    run(policy, host, port, max_batch, max_wait_ms, stop_on_stdin_eof=stop_on_stdin_eof)
+
+
+@cli.group()
+def policy() -> None:
+    """Policy folders of every family (vlatune.policies; docs/policies.md)."""
+
+
+@policy.command("inspect")
+@click.argument("path", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def policy_inspect(path: Path, as_json: bool) -> None:
+    """Family (detected from the files), parameters, dtype, conventions, processor chain and
+    normalisation statistics of the policy in PATH (a vlatune checkpoint or a released folder)."""
+    from vlatune.policies.io import format_inspect, inspect
+
+    info = inspect(path)
+    click.echo(json.dumps(info, default=str) if as_json else format_inspect(info))
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
-@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option("--no-progress", is_flag=True, help="No progress bar (logs only).")
 def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> None:
-    """Train a policy: CONFIG.yaml plus dotted overrides (data.path=DIR train.max_steps=100).
+    """Train a policy: CONFIG (a YAML file or a shipped recipe name such as demo/tiny) plus
+    dotted overrides (data.path=DIR train.max_steps=100).
 
     Multi-GPU: `accelerate launch -m vlatune train CONFIG ...`. `train.resume=auto` (default)
     continues from the latest complete checkpoint in train.output_dir.
@@ -659,15 +865,18 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 
 
 @cli.command()
-@click.option("--suite", default="libero_object", show_default=True)
-@click.option("--task", "task_id", default=0, show_default=True, type=int)
+@click.option("--suite", default="libero_object", show_default=True, help="LIBERO suite.")
+@click.option(
+    "--task", "task_id", default=0, show_default=True, type=int, help="Task index in the suite."
+)
 @click.option("--episodes", default=45, show_default=True, type=int, help="Demonstrations.")
 @click.option(
     "--minutes",
-    default=10.0,
-    show_default=True,
+    default=None,
     type=float,
-    help="Training time cap; the demo recipe also stops at train.max_steps (2,000).",
+    help="Opt-in training time cap (default: none; the recipe's train.max_steps, 2,000, "
+    "decide). A cap that stops training early is stated first in every output; rerun to "
+    "continue from the checkpoint.",
 )
 @click.option("--trials", default=20, show_default=True, type=int, help="Evaluation trials.")
 @click.option("--workers", default=2, show_default=True, type=int, help="Simulator processes.")
@@ -684,8 +893,15 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
     default=Path("outputs/demo"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: data, run, evaluation, report.html.",
 )
-@click.option("--config", "config_file", default=None, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Training recipe (a YAML file or a recipe name; default: demo/tiny).",
+)
 @click.argument("overrides", nargs=-1)
 def demo(
     suite, task_id, episodes, minutes, trials, workers, noise, out_dir, config_file, overrides
@@ -713,14 +929,19 @@ def demo(
 
 
 @cli.command()
-@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("config_file", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
 @click.option(
     "--phases",
     default=None,
     help="Recipes beside CONFIG, comma-separated (default: CONFIG itself).",
 )
-@click.option("--subsets", default="spatial,object,goal,long", show_default=True)
+@click.option(
+    "--subsets",
+    default="spatial,object,goal,long",
+    show_default=True,
+    help="LIBERO subsets (data.subset), comma-separated: the columns of the grid.",
+)
 @click.option(
     "--eval-trials",
     default=50,
@@ -735,19 +956,21 @@ def demo(
     default=Path("runs/experiment"),
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
+    help="Grid folder: one run and evaluation per cell, results.md / .csv / .json.",
 )
 @click.option("--dry-run", is_flag=True, help="List what would run, run nothing.")
-@click.option("--no-progress", is_flag=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars (log lines only).")
 def experiment(
     config_file, overrides, phases, subsets, eval_trials, workers, out_dir, dry_run, no_progress
 ):
     """Train and evaluate every (phase, subset) cell, skipping cells already done; write
     OUT/results.md and OUT/results.csv (rows = phases, columns = subsets)."""
+    from vlatune.config import resolve_config_path
     from vlatune.experiment import run_experiment
 
     try:
         run_experiment(
-            config_file,
+            resolve_config_path(config_file),
             [p.strip() for p in phases.split(",") if p.strip()] if phases else None,
             [s.strip() for s in subsets.split(",") if s.strip()],
             out_dir,
@@ -764,12 +987,18 @@ def experiment(
 
 @cli.group()
 def annotate() -> None:
-    """Reasoning annotations for the NORA phases: ECoT text (and, later, flow tokens)."""
+    """Reasoning annotations for the NORA phases: ECoT text, optical flow and flow VQ tokens."""
 
 
 @annotate.command("ecot")
 @_dataset_options
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Annotation file to write (JSON, joined to training samples by episode and frame).",
+)
 @click.option(
     "--llm",
     type=click.Choice(["rules", "openai"]),
@@ -960,9 +1189,19 @@ def _libero_geometry(ds, mode: str):
 
 @annotate.command("flow")
 @_dataset_options
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option(
-    "--backend", type=click.Choice(["dis", "farneback", "raft"]), default="dis", show_default=True
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder (flows.h5).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["dis", "farneback", "raft"]),
+    default="dis",
+    show_default=True,
+    help="Optical-flow method (OpenCV DIS or Farneback; RAFT needs torchvision).",
 )
 @click.option("--camera", default=None, help="Main camera (default: the first).")
 @click.option(
@@ -988,11 +1227,17 @@ def annotate_flow(path, fmt, mapping, out_dir, backend, camera, k, size):
 
 @annotate.command("flow-vq")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--codebook", default=512, show_default=True, type=int)
-@click.option("--steps", default=2000, show_default=True, type=int)
-@click.option("--batch", default=64, show_default=True, type=int)
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: flow_tokens.json, vq/, report.json, flow_vq.png.",
+)
+@click.option("--codebook", default=512, show_default=True, type=int, help="Codebook size.")
+@click.option("--steps", default=2000, show_default=True, type=int, help="VQ-VAE training steps.")
+@click.option("--batch", default=64, show_default=True, type=int, help="Batch size (frames).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Training seed.")
 def annotate_flow_vq(source, out_dir, codebook, steps, batch, seed):
     """Train the flow VQ-VAE on SOURCE (a `vlatune annotate flow` folder or flows.h5, or a
     dataset, whose flows are computed first with the defaults into OUT/flows), report
@@ -1015,11 +1260,22 @@ def annotate_flow_vq(source, out_dir, codebook, steps, batch, seed):
 
 @annotate.command("show")
 @click.argument("annotations", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--dataset", required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--episode", required=True, type=int)
-@click.option("--frame", required=True, type=int)
+@click.option(
+    "--dataset",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The dataset the annotations belong to.",
+)
+@click.option("--episode", required=True, type=int, help="Episode index.")
+@click.option("--frame", required=True, type=int, help="Frame index within the episode.")
 @click.option("--camera", default=None, help="Camera to show (default: the first).")
-@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="PNG file to write.",
+)
 def annotate_show(annotations, dataset, episode, frame, camera, out_file):
     """Render one annotated frame (upright) with its reasoning text beside it, as a PNG."""
     from vlatune.reasoning.show import render_annotation
@@ -1035,11 +1291,20 @@ def runs() -> None:
 
 @runs.command("plot")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for loss.png and lr.png (default: RUN_DIR).",
+)
 def runs_plot(run_dir: Path, out_dir: Path | None) -> None:
     """Write loss and learning-rate curves (PNG) from RUN_DIR/metrics.jsonl."""
+    import logging
+
     from vlatune.train.plots import plot_run
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     for path in plot_run(run_dir, out_dir or run_dir):
         console.print(str(path))
 

@@ -17,6 +17,15 @@ from typing import Literal
 
 import numpy as np
 
+# What the LIBERO env produces and takes (vlatune.sim.env); a policy declares the conventions it
+# expects and `vlatune eval` checks them against these before any episode.
+ENV_CONVENTIONS = {
+    "image_orientation": "upright",
+    "gripper": "-1_open",
+    "state": "libero_8d",
+    "action_dim": 7,
+}
+
 
 @dataclass(frozen=True)
 class SuiteSpec:

@@ -118,18 +118,26 @@ def run_experiment(
         rows.append(
             {"cell": cell, "cfg": cfg, "trained": trained, "evaluated": evaluated, "tasks": n_tasks}
         )
+    missing = {
+        p: r["cell"].name for r in rows if not r["trained"] for p in _missing_inputs(r["cfg"])
+    }
     if dry_run:
         for r in rows:
             c, cfg = r["cell"], r["cfg"]
             todo = []
             if not r["trained"]:
-                todo.append(f"train {cfg.train.max_steps} steps on {cfg.data.path}")
+                gone = " (missing)" if str(cfg.data.path) in missing else ""
+                todo.append(f"train {cfg.train.max_steps} steps on {cfg.data.path}{gone}")
             if eval_trials and not r["evaluated"]:
                 todo.append(
                     f"evaluate {cfg.eval.suite} ({r['tasks']} tasks x {eval_trials} trials)"
                 )
             say(f"{c.name}: {'; '.join(todo) if todo else 'done'}")
+        if missing:
+            say(f"warning: {_missing_text(missing)}")
         return [_record(r) for r in rows]
+    if missing:
+        raise FileNotFoundError(_missing_text(missing))
     from vlatune.eval.runner import EvalSpec, evaluate
     from vlatune.train.trainer import train
 
@@ -155,6 +163,23 @@ def run_experiment(
     paths = write_results(Path(out), records)
     say(f"results: {paths[0]} and {paths[1].name}")
     return records
+
+
+def _missing_inputs(cfg) -> list[str]:
+    """data.path and data.annotations of a cell that do not exist (checked before any run)."""
+    paths = [cfg.data.path] if cfg.data.path else []
+    ann = cfg.data.annotations
+    paths += [ann] if isinstance(ann, str) else list(ann or [])
+    return [str(p) for p in paths if not Path(p).exists()]
+
+
+def _missing_text(missing: dict[str, str]) -> str:
+    listed = "; ".join(f"{p} (cell {cell})" for p, cell in missing.items())
+    return (
+        f"{len(missing)} input(s) of cells still to train do not exist: {listed}. Download or "
+        "convert the data there, or point data.path / data.annotations at it (key=value "
+        "overrides after CONFIG)."
+    )
 
 
 def _record(r: dict[str, Any]) -> dict[str, Any]:

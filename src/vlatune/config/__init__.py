@@ -4,7 +4,9 @@ from vlatune.config.loader import (
     ConfigError,
     apply_overrides,
     dump_config,
+    list_recipes,
     load_config,
+    resolve_config_path,
     validate_config,
 )
 from vlatune.config.schema import (
@@ -30,6 +32,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "dump_config",
+    "list_recipes",
     "load_config",
+    "resolve_config_path",
     "validate_config",
 ]

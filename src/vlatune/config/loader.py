@@ -8,12 +8,17 @@ names the key, the value and the expected type, bad YAML names the line.
 
 A YAML file may start from another one with `base: other.yaml` (a path relative to the file);
 its keys are merged over the base's, mapping by mapping.
+
+A config is a path, or the name of a recipe shipped with the package (`src/vlatune/configs/`,
+also reachable as `configs/` at the repository root): `demo/tiny`, `nora/baseline.yaml` and
+`configs/demo/tiny.yaml` all work from any folder. A file that exists at the path given wins.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import types
 import typing
 from pathlib import Path
@@ -22,11 +27,46 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from vlatune.config.schema import Config
+from vlatune.config.schema import Config, config_warnings
+
+log = logging.getLogger("vlatune")
 
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message says which file, which key and what to do."""
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (`demo/tiny`, `nora/baseline`, ...), accelerate files aside."""
+    return sorted(
+        p.relative_to(RECIPES_DIR).with_suffix("").as_posix()
+        for p in RECIPES_DIR.rglob("*.yaml")
+        if p.parent.name != "accelerate"
+    )
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path that exists, else the shipped recipe called `name`; a clear error otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    text = path.as_posix()
+    for prefix in ("./", "configs/"):
+        text = text.removeprefix(prefix)
+    candidates = [text] if text.endswith((".yaml", ".yml")) else [f"{text}.yaml", f"{text}.yml"]
+    for cand in candidates:
+        if (RECIPES_DIR / cand).is_file():
+            return RECIPES_DIR / cand
+    recipes = list_recipes()
+    close = difflib.get_close_matches(text.removesuffix(".yaml"), recipes, n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(
+        f"config file not found: {name} (neither a file nor a shipped recipe).{hint} "
+        f"Recipes: {', '.join(recipes)} (or give the path to your own YAML file)."
+    )
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
@@ -123,23 +163,39 @@ def _walk(
     parent: type[BaseModel] | None = Config
     parts: list[str] = []
     field = None
+    branches: dict[str, type[BaseModel]] = {}  # a discriminated union's tag -> its model
     for i, item in enumerate(loc):
         if isinstance(item, int):
             if parts:
                 parts[-1] = f"{parts[-1]}[{item}]"
             continue
+        if item in branches:  # `policy.type` selected this branch of the union
+            model = parent = branches[item]
+            branches = {}
+            continue
+        branches = {}
         if model is not None and item in model.model_fields:
             parts.append(item)
             parent, field = model, model.model_fields[item]
             subs = _submodels(field.annotation)
             model = subs[0] if subs else None
+            if field.discriminator and len(subs) > 1:
+                branches = {_tag(m, field.discriminator): m for m in subs}
         elif unknown_last and i == len(loc) - 1:
             parts.append(item)
             parent, field = model, None
     return parts, parent, field
 
 
+def _tag(model: type[BaseModel], discriminator: str) -> str:
+    """The Literal value of a union branch's discriminator field (`policy.type`)."""
+    args = typing.get_args(model.model_fields[discriminator].annotation)
+    return str(args[0]) if args else model.__name__
+
+
 def _type_name(annotation: Any) -> str:
+    if len(_submodels(annotation)) > 1:  # a discriminated union: the branch's message says it
+        return " | ".join(m.__name__ for m in _submodels(annotation))
     text = getattr(annotation, "__name__", None) if isinstance(annotation, type) else None
     return text or str(annotation).replace("typing.", "")
 
@@ -170,11 +226,14 @@ def validate_config(data: dict[str, Any], source: str = "config") -> Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load `path` (or the defaults when None), apply `overrides`, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    data = _read_yaml(resolve_config_path(path)) if path is not None else {}
     if overrides:
         data = apply_overrides(data, overrides)
     source = str(path) if path is not None else "config"
-    return validate_config(data, source)
+    cfg = validate_config(data, source)
+    for warning in config_warnings(cfg):
+        log.warning("warning: %s", warning)
+    return cfg
 
 
 def dump_config(cfg: Config) -> str:

@@ -5,6 +5,13 @@ type and a default, and an unknown key is an error (see `vlatune.config.loader` 
 messages). The LIBERO conventions a dataset declares (`data.image_orientation`, `data.gripper`)
 are fields here so that they are saved with every checkpoint.
 
+`policy.type` selects the policy family (`vlatune.policies.registry`): `composed` (vlatune's
+backbone x head composition, `PolicyConfig`), `pi0` (pi0 / pi0.5, `Pi0FamilyConfig`) or `rdt`
+(the released RDT-1B, `RDTFamilyConfig`); a pydantic discriminated union on `type`. A config
+without `policy.type` (every recipe written before families existed) is a `composed` policy:
+that is the default, not a fallback, so it is not warned about. An unknown type is refused
+with the closest known name.
+
     >>> from vlatune.config import Config
     >>> Config().optim.lr
     0.0001
@@ -12,9 +19,17 @@ are fields here so that they are saved with every checkpoint.
 
 from __future__ import annotations
 
-from typing import Literal
+import difflib
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from vlatune.conventions import GripperConvention, ImageOrientation, resolve_suite
 
@@ -72,6 +87,11 @@ class DataConfig(Strict):
     )
     cache_images: bool = Field(
         False, description="keep decoded frames in memory after first use (small datasets)"
+    )
+    skip_bad_episodes: bool = Field(
+        False,
+        description="leave out episodes that fail validation (listed in the log and split.json) "
+        "instead of refusing to train",
     )
 
     @field_validator("cameras")
@@ -170,6 +190,9 @@ class RDTConfig(Strict):
 
 
 class PolicyConfig(Strict):
+    """The `composed` family: a backbone (tiny / hf-vlm / rdt-style) with an action head."""
+
+    type: Literal["composed"] = "composed"
     backbone: Literal["tiny", "hf-vlm", "rdt"] = "tiny"
     model_id: str | None = Field(
         None, description="hub id or local folder for hf-vlm / rdt backbones"
@@ -222,6 +245,66 @@ class PolicyConfig(Strict):
         if self.reasoning.enabled and self.head != "tokens":
             raise ValueError("policy.reasoning needs policy.head 'tokens'")
         return self
+
+
+class Pi0FamilyConfig(Strict):
+    """The `pi0` family (`vlatune.policies.pi0`): pi0 or pi0.5 in LeRobot's layout. The
+    architecture comes from the pretrained folder's own config.json (LeRobot's), never from
+    here: this section says which checkpoint to start from and what trains."""
+
+    type: Literal["pi0"]
+    variant: Literal["pi0", "pi05"] = Field(
+        "pi0", description="pi0 (state token, action-time MLP) or pi05 (adaRMS time)"
+    )
+    pretrained: str | None = Field(
+        None, description="a LeRobot pi0 / pi0.5 folder (config.json + model.safetensors)"
+    )
+    freeze_vision: bool = Field(False, description="LeRobot's freeze_vision_encoder")
+    train_expert_only: bool = Field(False, description="LeRobot's train_expert_only")
+    lora: LoraConfig | None = Field(
+        None, description="adapters on both Gemma stacks' attention and the action projections"
+    )
+
+
+class RDTFamilyConfig(Strict):
+    """The `rdt` family (`vlatune.policies.rdt`): the released RDT-1B, loaded bit for bit.
+    Not the composed family's `backbone: rdt` (an RDT-style backbone under a vlatune head)."""
+
+    type: Literal["rdt"]
+    pretrained: str | None = Field(
+        None,
+        description="an RDT folder: config.json (RDTRunner init arguments) + model.safetensors "
+        "or pytorch_model.bin",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="the released config does not say; upstream trains in bfloat16"
+    )
+
+
+POLICY_TYPES = ("composed", "pi0", "rdt")
+
+
+def _policy_type(value: Any) -> Any:
+    """No `type`: a `composed` policy (configs written before families). An unknown type is
+    refused naming the closest family."""
+    if isinstance(value, dict):
+        kind = value.get("type")
+        if kind is None:
+            return {**value, "type": "composed"}
+        if kind not in POLICY_TYPES:
+            close = difflib.get_close_matches(str(kind), POLICY_TYPES, n=1, cutoff=0.4)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(
+                f"unknown policy family '{kind}'.{hint} Known: {', '.join(POLICY_TYPES)}"
+            )
+    return value
+
+
+AnyPolicyConfig = Annotated[
+    Union[PolicyConfig, Pi0FamilyConfig, RDTFamilyConfig],  # noqa: UP007 (a discriminated union)
+    Field(discriminator="type"),
+    BeforeValidator(_policy_type),
+]
 
 
 class OptimConfig(Strict):
@@ -299,7 +382,7 @@ class Config(Strict):
 
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
-    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    policy: AnyPolicyConfig = Field(default_factory=PolicyConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -330,3 +413,23 @@ class Config(Strict):
                     f"in ({e})"
                 ) from None
         return self
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that validate but probably do not do what was meant (said, not refused)."""
+    out = []
+    o, t = cfg.optim, cfg.train
+    if o.warmup_steps > t.max_steps:
+        out.append(
+            f"optim.warmup_steps ({o.warmup_steps}) is longer than train.max_steps "
+            f"({t.max_steps}): the run ends during the warm-up, its learning rate never above "
+            f"{t.max_steps / o.warmup_steps:.0%} of optim.lr. Lower optim.warmup_steps (e.g. "
+            f"optim.warmup_steps={max(t.max_steps // 10, 0)})."
+        )
+    e = getattr(cfg.policy, "energy", None)  # the composed family's energy model
+    if e is not None and e.enabled and e.warmup_steps > t.max_steps:
+        out.append(
+            f"policy.energy.warmup_steps ({e.warmup_steps}) is longer than train.max_steps "
+            f"({t.max_steps}): the energy model never reaches its learning rate."
+        )
+    return out

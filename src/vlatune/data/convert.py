@@ -1,7 +1,11 @@
 """`vlatune data convert`: any format to LeRobot v2.1 / v3.0 or LIBERO-style HDF5, atomically.
 
-Everything is written to a temporary folder next to DST and renamed at the end, so a failed
-conversion leaves nothing half-written; an existing DST is never touched.
+Before any work the source goes through the shared validation pass (`vlatune.data.validate`):
+a problem refuses the conversion (one line per problem: file, episode, key, expectation), or,
+with `skip_bad_episodes`, leaves those episodes out and reports which. Everything is written to
+a temporary folder next to DST (`.vlatune-tmp.<name>.<host>.<pid>`) and renamed at the end, so
+a failed conversion (a full disk included) leaves nothing half-written; an existing DST is never
+touched; temporaries of killed conversions are removed at the next start.
 
     >>> report = convert("data/libero_object", "data/libero_object_lerobot", to="lerobot")
     >>> report["psnr_db"]     # per camera, video codec loss (inf for lossless HDF5)
@@ -9,6 +13,7 @@ conversion leaves nothing half-written; an existing DST is never touched.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -17,6 +22,9 @@ from typing import Any
 
 from vlatune.conventions import to_upright
 from vlatune.data.episode import DataError, DatasetReader
+from vlatune.fsutil import clean_stale_temporaries, tmp_path, with_final_name
+
+log = logging.getLogger("vlatune")
 
 TARGETS = {
     "lerobot": "lerobot_v21",
@@ -24,6 +32,7 @@ TARGETS = {
     "lerobot-v3": "lerobot_v30",
     "lerobot-v30": "lerobot_v30",
     "hdf5": "libero_hdf5",
+    "rlds": "rlds",
 }
 
 
@@ -48,8 +57,10 @@ def write_libero_hdf5(
             writer.add(ep)
             if progress is not None:
                 progress(i)
-    finally:
-        counts = writer.close()
+    except BaseException:
+        writer.abort()  # closes the files even on a full disk (no crash at exit)
+        raise
+    counts = writer.close()
     lossless = not reader.info.format.startswith("lerobot")
     return {
         "episodes": sum(counts.values()),
@@ -68,7 +79,12 @@ def convert(
     codec: str = "h264",
     image_orientation: str | None = None,
     progress: Callable[[int], None] | None = None,
+    skip_bad_episodes: bool = False,
+    validate: bool = True,
+    check_progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
+    """Convert every episode of `reader` to `dst` in format `to` (see TARGETS); the report has
+    episodes, frames, per-camera PSNR and `skipped_episodes` (with `skip_bad_episodes`)."""
     if to not in TARGETS:
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}; got '{to}'")
     dst = Path(dst)
@@ -76,13 +92,43 @@ def convert(
         raise DataError(
             "destination already exists; choose a new folder (nothing was written)", file=dst
         )
+    skipped: list[int] = []
+    warnings: list[str] = []
+    if validate:
+        from vlatune.data.validate import SubsetReader, validate_dataset
+
+        check = validate_dataset(reader, images="sample", progress=check_progress)
+        warnings = [str(p) for p in check.warnings]
+        if check.blocking and (not skip_bad_episodes or check.dataset_level):
+            check.raise_if_blocking("conversion", "pass --skip-bad-episodes")
+        if check.blocking:
+            skipped = check.bad_episodes
+            log.warning(
+                "skipping %d bad episode(s) %s:\n%s",
+                len(skipped),
+                skipped,
+                check.lines(check.blocking),
+            )
+            keep = [i for i in range(len(reader)) if i not in set(skipped)]
+            if not keep:
+                raise DataError(
+                    "every episode has a problem: nothing to convert", file=reader.info.path
+                )
+            reader = SubsetReader(reader, keep)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    clean_stale_temporaries(dst.parent)
+    tmp = tmp_path(dst)
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         if TARGETS[to] == "libero_hdf5":
             report = write_libero_hdf5(reader, tmp, image_orientation, progress)
+        elif TARGETS[to] == "rlds":
+            from vlatune.data.formats.rlds import write_rlds
+
+            report = write_rlds(
+                reader, tmp, name=dst.name, image_orientation=image_orientation, progress=progress
+            )
         else:
             from vlatune.data.formats.lerobot import write_lerobot
 
@@ -96,9 +142,14 @@ def convert(
                 progress=progress,
             )
         os.replace(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise with_final_name(e, tmp, dst) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     report["format"] = TARGETS[to]
     report["path"] = str(dst)
+    report["skipped_episodes"] = skipped
+    report["warnings"] = warnings
     return report

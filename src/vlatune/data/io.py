@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vlatune.data.episode import DataError, DatasetReader
 
-FORMATS = ("libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30")
+FORMATS = ("libero_hdf5", "hdf5", "lerobot_v21", "lerobot_v30", "rlds")
 
 
 def detect_format(path: str | Path) -> str:
@@ -30,6 +30,11 @@ def detect_format(path: str | Path) -> str:
                 "looks like a LeRobot dataset but meta/info.json is missing or has no codebase_version",
                 file=path,
             )
+    from vlatune.data.formats.rlds import is_rlds
+
+    if is_rlds(path):
+        return "rlds"
+    _refuse_unreadable_hdf5(path)
     if is_libero_hdf5(path):
         return "libero_hdf5"
     if (
@@ -40,6 +45,26 @@ def detect_format(path: str | Path) -> str:
     ):
         return "hdf5"
     raise DataError(f"cannot tell the format; pass --format ({', '.join(FORMATS)})", file=path)
+
+
+def _refuse_unreadable_hdf5(path: Path) -> None:
+    """A truncated or non-HDF5 `.hdf5` / `.h5` file is a corrupt file, not a layout that needs
+    a key mapping: say so, naming the file (each file's superblock is opened; no data read)."""
+    import h5py
+
+    if path.is_file():
+        files = [path] if path.suffix in (".hdf5", ".h5") else []
+    else:
+        files = sorted(p for p in path.glob("*.h*5") if p.suffix in (".hdf5", ".h5"))
+    for fp in files:
+        try:
+            with h5py.File(fp, "r"):
+                pass
+        except OSError as e:
+            raise DataError(
+                f"unreadable HDF5 file: truncated, corrupt or not HDF5 ({e}); replace it",
+                file=fp,
+            ) from None
 
 
 def open_dataset(
@@ -62,4 +87,8 @@ def open_dataset(
         if reader.format != fmt:
             raise DataError(f"asked for {fmt} but the dataset is {reader.format}", file=path)
         return reader
+    if fmt == "rlds":
+        from vlatune.data.formats.rlds import RLDSReader
+
+        return RLDSReader(path, mapping=mapping)
     raise DataError(f"unknown format '{fmt}'; use one of {', '.join(FORMATS)}", file=path)

@@ -281,17 +281,35 @@ def worker_init(worker_id: int) -> None:
         ds._image.rng = np.random.default_rng([ds.seed, worker_id, 1, info.seed % (2**32)])
 
 
+LISTED = ("reasoning", "flow_tokens")  # per-sample annotations, possibly absent: kept as lists
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """`default_collate`, except the annotations some samples lack, kept as per-sample lists."""
+    listed = {k: [s.pop(k, None) for s in samples] for k in LISTED if any(k in s for s in samples)}
+    batch = torch.utils.data.default_collate(samples)
+    batch.update(listed)
+    return batch
+
+
 def make_loader(
     ds: FrameDataset,
-    batch_size: int,
+    batch_size: int | None = None,
     num_workers: int = 0,
     shuffle: bool = True,
     seed: int = 0,
     drop_last: bool = False,
+    batch_sampler=None,
+    persistent_workers: bool = False,
 ):
-    """The DataLoader for a FrameDataset. Workers start through `forkserver`: a clean process
-    with no FFmpeg or HDF5 state forks them, so video decoding in the parent (evaluation,
-    statistics, a workers=0 run) can never deadlock them."""
+    """The one DataLoader builder for a FrameDataset (`vlatune train` and the benchmark use it).
+
+    `batch_sampler` (the trainer's `StepBatchSampler`) replaces batch_size / shuffle /
+    drop_last. Workers start through `forkserver`: a clean process with no FFmpeg or HDF5 state
+    forks them, so video decoding in the parent (evaluation, statistics, a workers=0 run) can
+    never deadlock them. The loader has its own generator: one draws a seed when iterated,
+    which must not consume the global stream (dropout, noise) that a resumed run restores.
+    `persistent_workers` keeps workers across passes (a loader iterated more than once)."""
     gen = torch.Generator()
     gen.manual_seed(seed)
     kwargs: dict[str, Any] = {}
@@ -299,14 +317,17 @@ def make_loader(
         kwargs = {
             "multiprocessing_context": "forkserver",
             "worker_init_fn": worker_init,
-            "persistent_workers": True,
+            "persistent_workers": persistent_workers,
         }
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    else:
+        kwargs.update(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
     return torch.utils.data.DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
         generator=gen,
-        drop_last=drop_last,
         **kwargs,
     )

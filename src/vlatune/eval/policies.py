@@ -5,6 +5,16 @@ episode runs), is `reset` at the start of each episode with the episode's contex
 `predict`s an action chunk (H, 7) in the env convention from an observation
 (`vlatune.keys`: upright images, 8-d state, instruction).
 
+Optional members a policy may have (the runner uses them when present):
+- `fallbacks() -> dict[str, int]`: cumulative counters of the queries the policy answered by a
+  fallback instead of its model's output (e.g. `undecodable_tokens`: a token sequence that did
+  not decode, replaced by the safe action; `clipped_actions`: a chunk clipped to the training
+  range). Counters only grow; the runner records each episode's increase in episodes.jsonl and
+  sums them per task ("fallbacks: k of n queries"), warning above 1% of the queries.
+- `eval_settings -> dict`: the evaluation settings the policy was trained for (`resolution`,
+  `replan`, `cameras`); a training checkpoint carries its config's `eval` section, and
+  `vlatune eval` uses these unless a flag overrides them (recorded in run.json, warned about).
+
 Specs:
 - a folder: a trained policy (`Policy.save` folder, or a training `checkpoint-<step>/`);
 - `scripted`: the privileged pick-and-place expert (`vlatune.sim.expert`), for checking the
@@ -12,7 +22,8 @@ Specs:
 - `replay:DATASET`: replays the recorded actions of the demo whose initial state matches the
   episode's (a correct runner gets about 100% on clean demos);
 - `package.module:factory`: any callable returning an object with this interface (your own
-  policy, or a test double).
+  policy, or a test double);
+- `ws://HOST:PORT[?timeout=SECONDS]`: a policy served by `vlatune serve` (vlatune.serving).
 
     >>> policy = load_policy("replay:data/synth")
 """
@@ -28,15 +39,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from vlatune.conventions import gripper_to_env
-
-# What the LIBERO env produces and takes (vlatune.sim.env).
-ENV_CONVENTIONS = {
-    "image_orientation": "upright",
-    "gripper": "-1_open",
-    "state": "libero_8d",
-    "action_dim": 7,
-}
+from vlatune.conventions import ENV_CONVENTIONS, gripper_to_env  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -62,6 +65,33 @@ class Policy(Protocol):
     def predict(self, obs: dict[str, Any]) -> np.ndarray: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+    # optional: def fallbacks(self) -> dict[str, int]; eval_settings: dict[str, Any]
+
+
+def checkpoint_eval_settings(path: str | Path) -> dict[str, Any] | None:
+    """The evaluation settings a training checkpoint was made for: its config's `eval`
+    section (render resolution, replan) and the cameras trained on, from `trainer_state.json`
+    of `path` (a `checkpoint-<step>/`) or of its parent (its `policy/` folder); None for a
+    policy folder saved on its own."""
+    path = Path(path)
+    for folder in (path, path.parent):
+        state_file = folder / "trainer_state.json"
+        if state_file.is_file():
+            try:
+                config = json.loads(state_file.read_text())["config"]
+                ev = config["eval"]
+                out = {"resolution": int(ev["resolution"]), "replan": int(ev["replan"])}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(
+                    f"{state_file}: cannot read the training config's eval section "
+                    f"(config.eval.resolution / replan): {e}"
+                ) from None
+            cameras = (config.get("data") or {}).get("cameras")
+            if cameras:
+                out["cameras"] = list(cameras)
+            return out
+    return None
 
 
 def config_hash(description: dict[str, Any]) -> str:
@@ -156,10 +186,16 @@ def load_policy(spec: str) -> Policy:
         return ScriptedPolicy()
     if spec.startswith("replay:"):
         return ReplayPolicy(spec[len("replay:") :])
-    if Path(spec).is_dir():
-        from vlatune.policies import VLAPolicy
+    if spec.startswith(("ws://", "wss://")):  # a `vlatune serve` server (vlatune.serving)
+        from vlatune.serving.client import RemotePolicy
 
-        return VLAPolicy.from_pretrained(spec)
+        return RemotePolicy.from_spec(spec)
+    if Path(spec).is_dir():
+        from vlatune.policies import load  # the family is detected from the folder's files
+
+        policy = load(spec)
+        policy.eval_settings = checkpoint_eval_settings(spec)
+        return policy
     if ":" in spec and not Path(spec).exists():
         module, _, attr = spec.partition(":")
         try:

@@ -1,7 +1,17 @@
 """Evaluation results: success rates with 95% Wilson intervals, per task, per suite, overall.
 
-Episodes that ended in an error (a crashed worker, twice) are counted apart, never as failures:
-rates are over finished episodes, and the error count is printed next to them.
+Counting rule (also stored in results.json as `counting_rule`; docs/evaluation.md):
+- every planned episode that has a record is a trial;
+- an episode ends in *success*, *failure* or *error*. An exception raised by the policy (load,
+  reset, predict) or by the simulator during the episode is a failure of that episode, recorded
+  with its message and traceback. Only an episode whose worker process died twice (segfault,
+  GL failure) or whose environment could not be built is an *error*;
+- `success_rate` = successes / trials, errors counted as failures. When there are errors,
+  `success_rate_finished` (successes / episodes that finished) is given next to it, never
+  instead of it;
+- fallbacks: each episode records the policy's fallback counters (queries answered by a
+  fallback: undecodable tokens replaced by the safe action, clipped actions, ...) and its number
+  of queries; rows sum them ("fallbacks: k of n queries").
 
     >>> wilson(45, 50)   # (0.7864..., 0.9565...)
     >>> summary = summarize(episodes); write_results(out_dir, summary, meta)
@@ -11,11 +21,20 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from vlatune.fsutil import write_json
+
+COUNTING_RULE = (
+    "success_rate = successes / trials over every episode run; a policy or simulator exception "
+    "inside an episode is a failure (message and traceback in episodes.jsonl); an episode whose "
+    "worker crashed twice or whose environment could not be built is an error and is counted as "
+    "a failure in success_rate; success_rate_finished = successes / (trials - errors) is given "
+    "next to it when there are errors"
+)
+FALLBACK_WARN_FRACTION = 0.01  # warn when more than 1% of a row's queries took a fallback
 
 
 def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -29,18 +48,42 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def is_error(e: dict[str, Any]) -> bool:
+    """An infrastructure error (no outcome), as opposed to a success or a failure."""
+    return e.get("error") is not None or e.get("success") is None
+
+
+def outcome(e: dict[str, Any]) -> str:
+    if is_error(e):
+        return "error"
+    return "success" if e["success"] else "failure"
+
+
 def _row(name: str, eps: list[dict[str, Any]]) -> dict[str, Any]:
-    done = [e for e in eps if e.get("error") is None]
-    k = sum(1 for e in done if e["success"])
-    lo, hi = wilson(k, len(done))
+    n = len(eps)
+    errors = sum(1 for e in eps if is_error(e))
+    k = sum(1 for e in eps if not is_error(e) and e["success"])
+    raised = sum(1 for e in eps if not is_error(e) and e.get("exception"))
+    lo, hi = wilson(k, n)
+    finished = n - errors
+    fallbacks: dict[str, int] = {}
+    for e in eps:
+        for key, v in (e.get("fallbacks") or {}).items():
+            fallbacks[key] = fallbacks.get(key, 0) + int(v)
     return {
         "name": name,
-        "trials": len(done),
+        "trials": n,
         "successes": k,
-        "success_rate": k / len(done) if done else None,
+        "failures": finished - k,
+        "errors": errors,
+        "success_rate": k / n if n else None,
         "ci95_low": lo,
         "ci95_high": hi,
-        "errors": len(eps) - len(done),
+        "success_rate_finished": (k / finished if finished else None) if errors else None,
+        "policy_exceptions": raised,
+        "queries": sum(int(e.get("queries") or 0) for e in eps),
+        "fallback_queries": sum(fallbacks.values()),
+        "fallbacks": fallbacks,
     }
 
 
@@ -53,45 +96,101 @@ def summarize(episodes: list[dict[str, Any]]) -> dict[str, Any]:
     tasks = []
     for (suite, tid), eps in sorted(by_task.items()):
         row = _row(f"{suite} task {tid}", eps)
+        named = next((e for e in eps if e.get("task_name")), eps[0])
         row.update(
             {
                 "suite": suite,
                 "task_id": tid,
-                "task_name": eps[0]["task_name"],
-                "instruction": eps[0]["instruction"],
+                "task_name": named.get("task_name"),
+                "instruction": named.get("instruction"),
             }
         )
         tasks.append(row)
     return {
+        "counting_rule": COUNTING_RULE,
         "tasks": tasks,
         "suites": [dict(_row(s, eps), suite=s) for s, eps in sorted(by_suite.items())],
         "overall": _row("overall", episodes),
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def headline(row: dict[str, Any]) -> str:
+    """`12/20 (60.0%, 95% CI [38.7, 78.1]%)`, with the errors and the rate over finished
+    episodes next to it when there are errors."""
+    n, k = row["trials"], row["successes"]
+    if not n:
+        return "no trials"
+    text = (
+        f"{k}/{n} ({100 * row['success_rate']:.1f}%, 95% CI "
+        f"[{100 * row['ci95_low']:.1f}, {100 * row['ci95_high']:.1f}]%)"
+    )
+    if row["errors"]:
+        fin = row["success_rate_finished"]
+        text += (
+            f"; {row['errors']} error(s) counted as failures (over the "
+            f"{n - row['errors']} finished episodes: "
+            f"{'-' if fin is None else f'{100 * fin:.1f}%'})"
+        )
+    return text
+
+
+def fallback_text(row: dict[str, Any]) -> str:
+    """`fallbacks: 3 of 120 queries (undecodable_tokens 3)`."""
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(row["fallbacks"].items()) if v)
+    return f"fallbacks: {row['fallback_queries']} of {row['queries']} queries" + (
+        f" ({detail})" if detail else ""
+    )
+
+
+def warnings_for(summary: dict[str, Any]) -> list[str]:
+    """Lines a console should print above the table: errors, policy exceptions, fallbacks above
+    1% of a task's queries."""
+    out = []
+    o = summary["overall"]
+    if o["errors"]:
+        fin = o["success_rate_finished"]
+        out.append(
+            f"{o['errors']} of {o['trials']} episodes ended in an error (worker crashed twice or "
+            f"environment not built): counted as failures, success {100 * o['success_rate']:.1f}%; "
+            f"over the {o['trials'] - o['errors']} finished episodes "
+            f"{'-' if fin is None else f'{100 * fin:.1f}%'} (see episodes.jsonl)"
+        )
+    if o["policy_exceptions"]:
+        out.append(
+            f"the policy raised in {o['policy_exceptions']} episode(s): counted as failures "
+            "(message and traceback in episodes.jsonl)"
+        )
+    for r in summary["tasks"]:
+        if r["queries"] and r["fallback_queries"] > FALLBACK_WARN_FRACTION * r["queries"]:
+            out.append(f"{r['name']}: {fallback_text(r)}, above 1% of its queries")
+    return out
+
+
+CSV_COLUMNS = [
+    "level",
+    "name",
+    "instruction",
+    "trials",
+    "successes",
+    "failures",
+    "errors",
+    "success_rate",
+    "ci95_low",
+    "ci95_high",
+    "success_rate_finished",
+    "policy_exceptions",
+    "queries",
+    "fallback_queries",
+    "fallbacks",
+]
 
 
 def write_results(out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> dict[str, Path]:
-    """results.json, results.csv and success_rates.png in `out`."""
+    """results.json, results.csv and success_rates.png in `out` (each written atomically)."""
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps({**meta, **summary}, indent=2) + "\n")
+    write_json(out / "results.json", {**meta, **summary})
     buf = io.StringIO()
-    cols = [
-        "level",
-        "name",
-        "instruction",
-        "trials",
-        "successes",
-        "success_rate",
-        "ci95_low",
-        "ci95_high",
-        "errors",
-    ]
-    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     w.writeheader()
     for level, rows in (
         ("task", summary["tasks"]),
@@ -99,14 +198,31 @@ def write_results(out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> d
         ("overall", [summary["overall"]]),
     ):
         for r in rows:
-            w.writerow({"level": level, "instruction": r.get("instruction", ""), **r})
-    _atomic_write(out / "results.csv", buf.getvalue())
+            w.writerow(
+                {
+                    **r,
+                    "level": level,
+                    "instruction": r.get("instruction") or "",
+                    "fallbacks": ";".join(f"{k}={v}" for k, v in sorted(r["fallbacks"].items())),
+                }
+            )
+    _atomic_text(out / "results.csv", buf.getvalue())
     plot = out / "success_rates.png"
     plot_success_rates(summary, plot)
     return {"json": out / "results.json", "csv": out / "results.csv", "plot": plot}
 
 
+def _atomic_text(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def plot_success_rates(summary: dict[str, Any], path: Path) -> None:
+    import os
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,8 +244,10 @@ def plot_success_rates(summary: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("success rate (%)")
     o = summary["overall"]
     if o["success_rate"] is not None:
+        errors = f", {o['errors']} errors as failures" if o["errors"] else ""
         ax.set_title(
-            f"overall {100 * o['success_rate']:.1f}% [{100 * o['ci95_low']:.1f}, {100 * o['ci95_high']:.1f}] (n={o['trials']}, 95% Wilson)",
+            f"overall {100 * o['success_rate']:.1f}% [{100 * o['ci95_low']:.1f}, "
+            f"{100 * o['ci95_high']:.1f}] (n={o['trials']}{errors}, 95% Wilson)",
             fontsize=9,
         )
     fig.tight_layout()

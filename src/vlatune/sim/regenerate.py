@@ -111,14 +111,20 @@ def regenerate_file(src_file: str, dst_dir: str, suite: str, resolution: int) ->
     return {"task": task, "demos": info}
 
 
+def _regenerate_job(job: tuple) -> dict[str, Any]:
+    return regenerate_file(*job)
+
+
 def regenerate(
     src: str | Path,
     dst: str | Path,
     suite: str,
     resolution: int = 256,
     workers: int = 1,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
+    """Regenerate every `<task>_demo.hdf5` of `src` into `dst` (files already done are kept);
+    `progress(done, total, task)` after each file."""
     from vlatune.conventions import resolve_suite
 
     suite = resolve_suite(suite)
@@ -135,14 +141,14 @@ def regenerate(
     jobs = [(str(f), str(dst), suite, resolution) for f in todo]
     if workers > 1 and len(jobs) > 1:
         with mp.get_context("forkserver").Pool(min(workers, len(jobs))) as pool:
-            for r in pool.starmap(regenerate_file, jobs):
+            for i, r in enumerate(pool.imap_unordered(_regenerate_job, jobs)):
                 if progress:
-                    progress(r["task"])
+                    progress(i + 1, len(jobs), r["task"])
     else:
-        for job in jobs:
+        for i, job in enumerate(jobs):
             r = regenerate_file(*job)
             if progress:
-                progress(r["task"])
+                progress(i + 1, len(jobs), r["task"])
     metainfo, summary = {}, {}
     for f in files:
         task = task_name_from_file(f)

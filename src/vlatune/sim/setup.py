@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import importlib.util
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,35 @@ def check_headless_gl() -> str:
     return backend
 
 
+class _DropNotices(logging.Filter):
+    """Drops dependency notices that need no action (robosuite's private-macro-file advice)."""
+
+    PREFIXES = (
+        "No private macro file found",
+        "It is recommended to use a private macro file",
+        "To setup, run: python",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIXES)
+
+
+def quiet_dependency_notices() -> None:
+    """Silence, at their source, notices of the simulator stack that ask nothing of a user.
+
+    robosuite logs three "No private macro file found" warnings at import (its macros only
+    matter to robosuite developers; vlatune sets what it needs through the environment); they
+    are filtered on robosuite's own logger, so its other warnings still show. Idempotent;
+    called when this module is imported, before anything imports robosuite.
+    """
+    logger = logging.getLogger("robosuite_logs")
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices())
+
+
+quiet_dependency_notices()
+
+
 def import_libero():
     """Prepare everything, then import and return `libero.libero`."""
     prepare_libero()
@@ -180,7 +210,31 @@ def import_libero():
         import libero.libero.envs  # noqa: F401  (registers the task classes)
     except ImportError as e:
         raise SimUnavailable(f"LIBERO could not be imported ({e}): {INSTALL_HINT}.") from None
+    _import_robosuite_wrappers()
     return libero_pkg
+
+
+def _import_robosuite_wrappers() -> None:
+    """Import `robosuite.wrappers` once, without its stdout notice.
+
+    Without the old `gym` package (LIBERO runs on gymnasium) robosuite prints "Warning: make
+    sure gym is installed if you want to use the GymWrapper." on stdout the first time anything
+    imports `robosuite.wrappers` (its camera utilities do); vlatune never uses the GymWrapper.
+    Imported here, under a stdout capture, so later imports find it loaded; any other output
+    is passed on.
+    """
+    import contextlib
+    import io
+    import sys
+
+    if "robosuite.wrappers" in sys.modules:
+        return
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        import robosuite.wrappers  # noqa: F401
+    for line in buf.getvalue().splitlines():
+        if not line.startswith("Warning: make sure gym is installed"):
+            print(line)
 
 
 def load_init_states(path: str | Path):

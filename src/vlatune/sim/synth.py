@@ -136,9 +136,10 @@ def synthesize(
     resolution: int = 128,
     first_init: int = 0,
     params: ExpertParams | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Write `episodes` successful scripted demonstrations per task to `out` (LIBERO HDF5)."""
+    """Write `episodes` successful scripted demonstrations per task to `out` (LIBERO HDF5).
+    `progress(kept, tried)` after each attempt, counted over all tasks so far."""
     out = Path(out)
     if out.exists():
         raise DataError(
@@ -152,6 +153,7 @@ def synthesize(
     t_start = time.perf_counter()
     try:
         writer = None
+        kept_before = tried_before = 0
         for task_id in tasks:
             fast = LiberoEnv(suite, task_id, render=False, hard_reset=False)
             cam = LiberoEnv(suite, task_id, resolution=resolution, render=True, hard_reset=False)
@@ -173,10 +175,8 @@ def synthesize(
                             steps.append(n)
                         else:
                             replay_failed += 1
-                    if progress is not None:
-                        progress(
-                            f"{suite} task {task_id}: {len(kept)}/{episodes} kept, {tried} tried"
-                        )
+                    if progress is not None:  # (kept, tried) over all tasks so far
+                        progress(kept_before + len(kept), tried_before + tried)
                     init += 1
             finally:
                 fast.close()
@@ -191,6 +191,8 @@ def synthesize(
                 "init_indices": kept,
                 "mean_steps": float(np.mean(steps)) if steps else None,
             }
+            kept_before += len(kept)
+            tried_before += tried
         if writer is not None:
             writer.close()
         report["episodes"] = sum(t["kept"] for t in report["tasks"].values())
@@ -211,7 +213,7 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
     suite, task_id, seeds, resolution, cameras, params = job
     key = (suite, task_id, resolution, cameras)
     if key not in _WORKER_ENVS:
-        from vlatune.eval.runner import one_render_thread
+        from vlatune.sim.render import one_render_thread
 
         one_render_thread()
         _WORKER_ENVS[key] = LiberoEnv(

@@ -9,18 +9,25 @@
       trainer_state.json      step, micro-step, epoch, scheduler state, resolved config; written
                               last: its presence marks a complete checkpoint
 
-A checkpoint is written under `.checkpoint-<step>.tmp/` and renamed when complete, so a process
-killed mid-write leaves a temporary folder that is never picked up (and is cleared on the next
-save). `find_latest` skips, with a warning, any checkpoint that does not read back.
+A checkpoint is written under `.checkpoint-<step>.tmp/` (holding `vlatune-owner.json`: host and
+process id) and renamed when complete, so a process killed mid-write leaves a temporary folder
+that is never picked up; `clean_stale` removes those whose process is gone at the next start
+(and a failed save removes its own). `find_latest` skips, with a warning naming the checkpoint
+and the reason, any checkpoint that does not read back: a missing file, invalid JSON, a
+truncated or corrupt safetensors file (header and size checked) or optimizer archive (zip
+directory checked), and resumes from the previous good one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,78 @@ import torch
 log = logging.getLogger("vlatune.train")
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("trainer_state.json", "optimizer.pt", "policy/model.safetensors", "policy/config.json")
+OWNER = "vlatune-owner.json"
+_TMP = re.compile(r"^\.checkpoint-\d+\.tmp$")
+
+
+def mark_owner(tmp: Path) -> None:
+    """Record which process writes this temporary checkpoint folder."""
+    from vlatune.fsutil import _HOST
+
+    (tmp / OWNER).write_text(json.dumps({"host": _HOST, "pid": os.getpid()}))
+
+
+def clean_stale(run_dir: Path) -> list[Path]:
+    """Remove `.checkpoint-<step>.tmp/` folders of killed runs (their writer, on this host, is
+    gone; a folder without an owner record was killed before writing it); returns them."""
+    from vlatune.fsutil import _HOST, pid_alive
+
+    removed = []
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return removed
+    for p in run_dir.iterdir():
+        if not (p.is_dir() and _TMP.match(p.name)):
+            continue
+        try:
+            owner = json.loads((p / OWNER).read_text())
+            stale = owner.get("host") == _HOST and not pid_alive(int(owner.get("pid", 0)))
+        except (OSError, ValueError, TypeError):
+            stale = True
+        if stale:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    if removed:
+        log.warning(
+            "removed %d unfinished checkpoint folder(s) of killed runs: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
+    return removed
+
+
+def check_safetensors(path: Path) -> None:
+    """Raises ValueError when a safetensors file is truncated or its header is corrupt (reads
+    the header only)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path.name} is truncated ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise ValueError(f"{path.name} is truncated (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{path.name} has a corrupt header") from None
+    end = max(
+        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+        default=0,
+    )
+    if 8 + n + end != size:
+        raise ValueError(
+            f"{path.name} is truncated or padded: {size} bytes, expected {8 + n + end}"
+        )
+
+
+def check_zip(path: Path) -> None:
+    """Raises ValueError when a torch.save archive is truncated (its zip directory is read)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path.name} is truncated or corrupt ({e})") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,6 +162,14 @@ def validate(path: Path) -> dict[str, Any]:
             raise ValueError(f"trainer_state.json lacks '{key}'")
     if state["step"] != checkpoint_step(path):
         raise ValueError(f"trainer_state.json says step {state['step']}")
+    for f in sorted(path.rglob("*.safetensors")):
+        check_safetensors(f)
+    for f in sorted(path.rglob("*.json")):
+        try:
+            json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f.relative_to(path)} is not valid JSON ({e})") from None
+    check_zip(path / "optimizer.pt")
     return state
 
 
@@ -90,8 +177,8 @@ def find_latest(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, validate(path)
-        except ValueError as e:
-            log.warning("ignoring checkpoint %s: %s", path, e)
+        except (ValueError, OSError) as e:
+            log.warning("ignoring checkpoint %s (skipped: %s); trying the previous one", path, e)
     return None
 
 

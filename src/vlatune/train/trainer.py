@@ -12,7 +12,10 @@ episodes), `stats.json` (statistics of the training episodes), `metrics.jsonl` (
   checkpoint on CPU: same parameters as a run that was never interrupted.
 - Mixed precision bf16/fp16 on GPUs through accelerate; CPU runs in fp32 (bf16 autocast on CPU
   is slower than fp32 on the machines we test on), said once in the log.
-- The energy model (policy.energy) gets its own parameter group, lr and warm-up.
+- The trainer sees only the policy interface (`vlatune.policies.base`): `compute_loss`,
+  `param_groups`, `save` and the `prepare` hook; the family comes from `policy.type`
+  (`vlatune.policies.registry`). A parameter group with its own `warmup_steps` (the composed
+  family's energy model) gets that warm-up instead of `optim.schedule`.
 - Only the main process writes checkpoints, metrics and trackers; every process saves its own
   RNG state.
 - Fault injection for tests: VLATUNE_FAULT=after_checkpoint:<step> or during_checkpoint:<step>
@@ -56,14 +59,52 @@ def _fault(stage: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-LISTED = ("reasoning", "flow_tokens")  # per-sample annotations, possibly absent: kept as lists
+def _without_episodes(split: dict[str, Any], bad: list[int]) -> dict[str, Any]:
+    """The split without the episodes validation found bad (listed under "skipped")."""
+    if not bad:
+        return split
+    drop = set(bad)
+    out = dict(split)
+    out["train"] = [e for e in split["train"] if e not in drop]
+    out["test"] = [e for e in split["test"] if e not in drop]
+    out["skipped"] = sorted(drop | set(split.get("skipped", [])))
+    return out
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    listed = {k: [s.pop(k, None) for s in samples] for k in LISTED if any(k in s for s in samples)}
-    batch = torch.utils.data.default_collate(samples)
-    batch.update(listed)
-    return batch
+def _check_stats_finite(stats: dict[str, Any], source) -> None:
+    """Normalisation statistics must be finite (validation makes NaN data impossible; a stats
+    file edited or written by an older version could still hold NaN)."""
+    for feature, s in stats.items():
+        if not isinstance(s, dict):
+            continue
+        for name, v in s.items():
+            arr = np.asarray(v, dtype=object)
+            try:
+                vals = np.asarray(v, dtype=np.float64)
+            except (TypeError, ValueError):
+                continue
+            if arr.size and not np.isfinite(vals).all():
+                raise TrainError(
+                    f"{source}: key '{feature}.{name}': non-finite statistics (NaN or inf); "
+                    "expected finite numbers: check the data with `vlatune data check` and "
+                    "remove the stats file to recompute it"
+                )
+
+
+def _remove_created(run_dir: Path, before: set[Path] | None) -> None:
+    """Remove what a refused run created: the whole run folder if it did not exist before,
+    else the entries it added."""
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    if not run_dir.is_dir():
+        return
+    for p in run_dir.iterdir():
+        if p not in before:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _memory_mb() -> float:
@@ -112,9 +153,42 @@ class Trainer:
         return usable
 
     # ------------------------------------------------------------------ set-up
+    def _validate_data(self, reader, path: Path) -> list[int]:
+        """The shared validation pass, before anything is written: cameras asked for exist,
+        and no episode has a blocking problem (NaN / inf, shapes, lengths, channels, ...).
+        Refuses with every problem listed, or, with data.skip_bad_episodes, returns the bad
+        episodes (logged) for the split to leave out."""
+        from vlatune.data.validate import validate_dataset
+
+        d = self.cfg.data
+        unknown = [c for c in d.cameras if c not in reader.info.cameras]
+        if unknown:
+            raise TrainError(
+                f"{path}: key 'data.cameras': camera(s) {unknown} not in the dataset "
+                f"(its cameras: {reader.info.cameras}); nothing was written"
+            )
+        report = validate_dataset(reader, images="sample")
+        for p in report.warnings[:20]:
+            if self.is_main:
+                log.warning("data: %s", p)
+        if not report.blocking:
+            return []
+        if not d.skip_bad_episodes or report.dataset_level:
+            report.raise_if_blocking("training", "set data.skip_bad_episodes=true")
+        bad = report.bad_episodes
+        if self.is_main:
+            log.warning(
+                "data.skip_bad_episodes: leaving out %d of %d episode(s) %s:\n%s",
+                len(bad),
+                len(reader),
+                bad,
+                report.lines(report.blocking),
+            )
+        return bad
+
     def _data(self, resumed_policy):
         from vlatune.data import open_dataset
-        from vlatune.data.split import split_episodes
+        from vlatune.data.split import held_out_warning, split_episodes
         from vlatune.data.stats import dataset_stats
         from vlatune.data.training import FrameDataset
 
@@ -125,11 +199,27 @@ class Trainer:
         if not path.exists():
             raise TrainError(f"data.path {path} does not exist")
         reader = open_dataset(path, format=d.format)
+        if self.is_main:
+            how = "auto-detected" if d.format == "auto" else "data.format"
+            log.info(
+                "data: %s: %s (%s), %d episodes, %d frames",
+                path,
+                reader.info.format,
+                how,
+                reader.info.num_episodes,
+                reader.info.num_frames,
+            )
+        bad = self._validate_data(reader, path)
+        fingerprint = check_reused_data_files(self.run_dir, reader, path)
         split_file = self.run_dir / "split.json"
         if split_file.is_file():
             split = json.loads(split_file.read_text())
         else:
             split = split_episodes(reader, d.val_fraction, seed=self.cfg.train.seed)
+            warning = held_out_warning(split, "data.val_fraction=0")
+            if warning and self.is_main:
+                log.warning("validation split: %s", warning)
+        split = _without_episodes(split, bad)
         if not split["train"]:
             raise TrainError(f"{path}: no training episodes after the validation split")
         stats_file = self.run_dir / "stats.json"
@@ -137,18 +227,20 @@ class Trainer:
             stats = json.loads(stats_file.read_text())
         else:
             stats = dataset_stats(reader, episodes=split["train"])
+        _check_stats_finite(stats, stats_file if stats_file.is_file() else path)
         reader.close()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(split_file, split)
             write_json(stats_file, stats)
+            write_json(self.run_dir / FINGERPRINT_FILE, fingerprint)
         from vlatune.data.training import normalizers_from_stats
 
         policy = resumed_policy
-        a_norm, s_norm = (
-            normalizers_from_stats(d, stats)
-            if policy is None
-            else (policy.action_norm, policy.state_norm)
+        a_norm, s_norm = (  # a resumed policy keeps the normalisers it was trained with
+            (policy.action_norm, policy.state_norm)
+            if hasattr(policy, "action_norm")
+            else normalizers_from_stats(d, stats)
         )
         annotations = None
         if d.annotations:
@@ -165,36 +257,34 @@ class Trainer:
             else None
         )
         if policy is None:
-            from vlatune.policies import build_policy
+            from vlatune.policies import registry
 
-            policy = build_policy(self.cfg, stats, chunks=train_ds.action_chunks)
-        backbone = policy.backbone
-        if hasattr(backbone, "encode_texts") and self.cfg.policy.rdt.precompute_language:
-            texts = train_ds.instructions() + (val_ds.instructions() if val_ds else [])
-            n = backbone.encode_texts(texts)
-            backbone.release_text_encoder()
-            log.info(
-                "language embeddings: %d instructions (%d encoded, the rest cached in %s); "
-                "training without the text encoder",
-                len(set(texts)),
-                n,
-                backbone.cache_dir,
-            )
+            try:
+                policy = registry.build(self.cfg, stats, chunks=train_ds.action_chunks)
+            except NotImplementedError as e:
+                raise TrainError(str(e)) from None
+        prepare = getattr(policy, "prepare", None)  # optional hook of the policy interface
+        if prepare is not None:
+            line = prepare([train_ds, val_ds])
+            if line and self.is_main:
+                log.info("%s", line)
         return policy, train_ds, val_ds, split
 
     def _optimizer(self, policy):
         o = self.cfg.optim
-        groups = policy.param_groups(o.lr, o.weight_decay, self.cfg.policy.energy.lr)
+        try:
+            groups = policy.param_groups(o)
+        except ValueError as e:  # a family refusing (everything frozen)
+            raise TrainError(f"policy.param_groups: {e}") from None
         if not groups:
             raise TrainError("no trainable parameters (check policy.freeze)")
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
         main = lr_multiplier(
             o.schedule, self.cfg.train.max_steps, o.warmup_steps, o.decay_steps, o.decay_factor
         )
-        energy_warmup = self.cfg.policy.energy.warmup_steps
-        lambdas = [
-            (lambda s, w=energy_warmup: min(1.0, (s + 1) / w) if w else 1.0)
-            if g["name"] == "energy"
+        lambdas = [  # a group with its own warm-up (energy model): linear, then constant
+            (lambda s, w=g["warmup_steps"]: min(1.0, (s + 1) / w) if w else 1.0)
+            if "warmup_steps" in g
             else main
             for g in groups
         ]
@@ -203,17 +293,43 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int, micro_step: int, model, optimizer, scheduler, epoch):
-        acc = self.accelerator
+        """Written under `.checkpoint-<step>.tmp/` and renamed when complete; on any failure
+        (a full disk) the temporary folder is removed and the error names the file."""
         final = self.run_dir / f"checkpoint-{step}"
         tmp = self.run_dir / f".checkpoint-{step}.tmp"
+        try:
+            return self._save_checkpoint(
+                step, micro_step, model, optimizer, scheduler, epoch, final, tmp
+            )
+        except Exception as e:
+            from vlatune.fsutil import disk_full_error, with_final_name
+
+            full = disk_full_error(e, tmp) if not isinstance(e, OSError) else None
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise with_final_name(e, tmp, final) from None
+            if full is not None:
+                raise with_final_name(full, tmp, final) from e
+            raise
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _save_checkpoint(
+        self, step: int, micro_step: int, model, optimizer, scheduler, epoch, final, tmp
+    ):
+        acc = self.accelerator
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
+            ckpt.mark_owner(tmp)
         acc.wait_for_everyone()
         write_json(tmp / f"rng_rank{acc.process_index}.json", ckpt.rng_state())
         if self.is_main:
-            policy = acc.unwrap_model(model)
+            policy = acc.unwrap_model(model).policy
             if self.ema is None:
                 policy.save(tmp / "policy")
             else:  # deployed: the average; resumed from: the raw parameters
@@ -258,9 +374,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> dict[str, Any]:
+        """Train; a run refused before its first step (bad data, unknown camera, config
+        mismatch) leaves nothing behind: what it created in the run folder is removed."""
+        before = set(self.run_dir.iterdir()) if self.run_dir.is_dir() else None
+        if self.is_main:
+            ckpt.clean_stale(self.run_dir)
+        self._started = False
+        try:
+            return self._run()
+        except BaseException:
+            if self.is_main and not self._started:
+                _remove_created(self.run_dir, before)
+            raise
+
+    def _run(self) -> dict[str, Any]:
         from accelerate.utils import set_seed
 
-        from vlatune.policies import VLAPolicy
+        from vlatune.policies import registry
+        from vlatune.policies.base import LossModule
 
         acc, t = self.accelerator, self.cfg.train
         set_seed(t.seed)
@@ -279,7 +410,8 @@ class Trainer:
                     f"{path}: the checkpoint's data/policy config differs from this run's; "
                     "use a new train.output_dir or train.resume=never"
                 )
-            policy = VLAPolicy.from_pretrained(path / "policy")
+            family = registry.get(self.cfg.policy.type)
+            policy = registry.piece(family, "load")(path / "policy")
             policy.train()
         policy, train_ds, val_ds, split = self._data(policy)
         self.ema = None
@@ -303,8 +435,13 @@ class Trainer:
                 self.ema = EMA(policy, t.ema_decay, shadow=trained_state(policy))
                 load_trained_state(policy, load_file(raw), raw)
         if self.cfg.train.gradient_checkpointing:
-            what = policy.enable_gradient_checkpointing()
-            log.info("gradient checkpointing: %s", what)
+            enable = getattr(policy, "enable_gradient_checkpointing", None)
+            if enable is None:
+                raise TrainError(
+                    f"train.gradient_checkpointing: policy.type '{self.cfg.policy.type}' has no "
+                    "gradient checkpointing; set train.gradient_checkpointing=false"
+                )
+            log.info("gradient checkpointing: %s", enable())
         optimizer, scheduler = self._optimizer(policy)
         step, micro = 0, 0
         if resume is not None:
@@ -317,12 +454,14 @@ class Trainer:
             if self.is_main:
                 self._truncate_metrics(step)
                 log.info("resumed from %s (step %d)", path, step)
+        elif self.is_main:  # a fresh start: rows (or a torn line) of a run killed before any
+            self._truncate_metrics(0)  # checkpoint would be followed by this run's rows
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(
                 yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False)
             )
-        model, optimizer = acc.prepare(policy, optimizer)
+        model, optimizer = acc.prepare(LossModule(policy), optimizer)  # forward = compute_loss
         if acc.log_with and self.is_main:
             acc.init_trackers(self.cfg.name, config=self.cfg.model_dump(mode="json"))
 
@@ -347,11 +486,13 @@ class Trainer:
         model.train()
         grad_norm = None
         stopped_early = False
+        self._started = True
         for batch in loader:
             batch = self._batches_to_device(batch)
             with acc.accumulate(model):
-                out = model(batch)
-                acc.backward(out["loss"])
+                loss, metrics = model(batch)
+                self._check_finite_loss(loss, step + 1, batch)
+                acc.backward(loss)
                 if acc.sync_gradients and self.cfg.optim.max_grad_norm:
                     grad_norm = acc.clip_grad_norm_(
                         model.parameters(), self.cfg.optim.max_grad_norm
@@ -359,13 +500,13 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
-            for k, v in out.items():
-                window.setdefault(k, []).append(float(v.detach()))
+            for k, v in metrics.items():
+                window.setdefault(k, []).append(float(v))
             if not acc.sync_gradients:
                 continue
             scheduler.step()
             if self.ema is not None:
-                self.ema.update(acc.unwrap_model(model), step)
+                self.ema.update(acc.unwrap_model(model).policy, step)
             step += 1
             n_window += 1
             epoch = sampler.epoch_of(micro)
@@ -380,20 +521,20 @@ class Trainer:
                     "samples_per_s": round(n_window * global_batch / max(now - t_window, 1e-9), 2),
                     "memory_mb": round(_memory_mb(), 1),
                 }
-                if len(scheduler.get_last_lr()) > 2:
-                    row["lr_energy"] = scheduler.get_last_lr()[-1]
+                for g in optimizer.param_groups:  # groups with their own warm-up (lr_energy)
+                    if "warmup_steps" in g:
+                        row[f"lr_{g.get('name', 'group')}"] = g["lr"]
                 self._log(row)
                 window, t_window, n_window = {}, now, 0
                 if bar is not None:
-                    bar[0].update(
-                        bar[1],
-                        completed=step,
+                    bar.set(
+                        step,
                         loss=f"{row['loss']:.4f}",
                         lr=f"{row['lr']:.2e}",
-                        sps=f"{row['samples_per_s']:.0f}",
+                        samples_per_s=f"{row['samples_per_s']:.0f}",
                     )
             elif bar is not None:
-                bar[0].update(bar[1], completed=step)
+                bar.set(step)
             if t.val_every and val_ds is not None and step % t.val_every == 0:
                 self._validate(model, val_ds, step)
             if step % t.save_every == 0 and step < t.max_steps:
@@ -406,7 +547,7 @@ class Trainer:
                     stopped_early = True
                     break
         if bar is not None:
-            bar[0].stop()
+            bar.close()
         final = None
         if step > 0 and step != last_saved:
             final = self.save_checkpoint(
@@ -443,20 +584,34 @@ class Trainer:
             write_json(self.run_dir / "train_summary.json", summary)
         return summary
 
+    def _check_finite_loss(self, loss, step: int, batch) -> None:
+        """Stop (before the update, so no weight turns NaN) when the loss is NaN or inf,
+        naming the step and the batch's episodes; agreed across processes."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(bad)], device=self.accelerator.device)
+            bad = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if not bad:
+            return
+        eps = batch.get("episode")
+        eps = sorted({int(e) for e in eps.tolist()}) if torch.is_tensor(eps) else eps
+        frames = batch.get("frame")
+        frames = frames.tolist() if torch.is_tensor(frames) else frames
+        raise TrainError(
+            f"step {step}: the loss is {float(loss.detach()):g} (not finite) on a batch of "
+            f"episodes {eps} (frames {frames}); training stopped before the update, the last "
+            f"checkpoint in {self.run_dir} is intact. Check these episodes with `vlatune data "
+            "check`, or lower optim.lr / set optim.max_grad_norm if the data is fine"
+        )
+
     def _loader(self, ds, sampler):
-        kwargs: dict[str, Any] = {}
-        if self.cfg.data.num_workers > 0:
-            kwargs = {"multiprocessing_context": "forkserver", "persistent_workers": False}
-        return torch.utils.data.DataLoader(
+        from vlatune.data.training import make_loader
+
+        return make_loader(
             ds,
-            batch_sampler=sampler,
             num_workers=self.cfg.data.num_workers,
-            collate_fn=_collate,
-            pin_memory=torch.cuda.is_available(),
-            # its own generator: a loader draws a seed when iterated, which must not consume
-            # the global stream (dropout, noise) that a resumed run restores
-            generator=torch.Generator().manual_seed(self.cfg.train.seed),
-            **kwargs,
+            seed=self.cfg.train.seed,
+            batch_sampler=sampler,
         )
 
     def _batches_to_device(self, batch):
@@ -476,7 +631,7 @@ class Trainer:
         if not self.is_main:
             self.accelerator.wait_for_everyone()
             return
-        policy = self.accelerator.unwrap_model(model)
+        policy = self.accelerator.unwrap_model(model).policy
         B = self.cfg.data.batch_size
         n_batches = min(self.cfg.train.val_batches, -(-len(val_ds) // B))
         sampler = StepBatchSampler(len(val_ds), B, seed=1, stop=n_batches)
@@ -487,8 +642,8 @@ class Trainer:
         rng = torch.get_rng_state()  # validation must not shift the training random stream
         with torch.no_grad():
             for batch in self._loader(val_ds, sampler):
-                out = policy(self._batches_to_device(batch))
-                for k, v in out.items():
+                _, metrics = policy.compute_loss(self._batches_to_device(batch))
+                for k, v in metrics.items():
                     sums.setdefault(k, []).append(float(v))
                 if time.perf_counter() - t0 > self.cfg.train.val_max_seconds:
                     break
@@ -521,35 +676,103 @@ class Trainer:
                     keep.append(line)
             except (json.JSONDecodeError, KeyError):
                 continue
-        tmp = path.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, path)
+        from vlatune.fsutil import remove_path, tmp_path, with_final_name
+
+        tmp = tmp_path(path)  # fsutil's name: a stale one is cleaned at the next start
+        try:
+            tmp.write_text("".join(x + "\n" for x in keep))
+            os.replace(tmp, path)
+        except OSError as e:
+            remove_path(tmp)
+            raise with_final_name(e, tmp, path) from None
 
     def _progress(self, start: int):
+        """Training progress (vlatune.progress): a bar with the time left on a terminal; when the
+        output is a log file or a pipe, a plain line every few seconds with the step, the loss
+        and the time left at the measured step rate."""
         if not self.show_progress:
             return None
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
+        from vlatune.progress import Progress
 
-        p = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn(
-                "loss {task.fields[loss]} lr {task.fields[lr]} {task.fields[sps]} samples/s"
-            ),
+        return Progress(total=self.cfg.train.max_steps, desc="train", start=start, unit="steps")
+
+
+FINGERPRINT_FILE = "data_fingerprint.json"  # which dataset split.json / stats.json came from
+DATA_SUFFIXES = (".hdf5", ".h5", ".parquet", ".mp4", ".jsonl")
+
+
+def data_fingerprint(reader, path: Path) -> dict[str, Any]:
+    """A cheap identity of a dataset: its path, format, episode count and lengths,
+    instructions, and the names and sizes of its data files (HDF5, parquet, mp4, jsonl; a
+    split or stats file a user writes next to the data does not change it). No data is read."""
+    import hashlib
+
+    n = len(reader)
+    lengths = [int(reader.episode_length(i)) for i in range(n)]
+    content = hashlib.sha256(
+        json.dumps([lengths, [reader.instruction(i) for i in range(n)]]).encode()
+    ).hexdigest()
+    if path.is_dir():
+        files = sorted(
+            (str(p.relative_to(path)), p.stat().st_size)
+            for p in path.rglob("*")
+            if p.suffix in DATA_SUFFIXES
+            and p.is_file()
+            and not any(x.startswith(".") for x in p.relative_to(path).parts)
         )
-        task = p.add_task(
-            "train", total=self.cfg.train.max_steps, completed=start, loss="-", lr="-", sps="-"
+    else:
+        files = [(path.name, path.stat().st_size)]
+    return {
+        "path": str(path.resolve()),
+        "format": reader.info.format,
+        "episodes": n,
+        "frames": sum(lengths),
+        "episodes_sha256": content,
+        "files_sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+    }
+
+
+def check_reused_data_files(run_dir: Path, reader, path: Path) -> dict[str, Any]:
+    """`split.json` / `stats.json` of an earlier run in `run_dir` are reused only when they were
+    made from the same dataset (content fingerprint; a moved copy with the same content is
+    accepted with a warning); otherwise a TrainError names the files to delete. Returns the
+    dataset's fingerprint (written beside them)."""
+    fingerprint = data_fingerprint(reader, path)
+    reused = [f for f in ("split.json", "stats.json") if (run_dir / f).is_file()]
+    if not reused:
+        return fingerprint
+    saved_file = run_dir / FINGERPRINT_FILE
+    if not saved_file.is_file():
+        log.warning(
+            "%s: %s reused without a record of the dataset they came from (a run of an older "
+            "vlatune); cannot check they belong to %s. Delete them to recompute.",
+            run_dir,
+            " and ".join(reused),
+            path,
         )
-        p.start()
-        return p, task
+        return fingerprint
+    saved = json.loads(saved_file.read_text())
+    differ = [k for k in fingerprint if k != "path" and saved.get(k) != fingerprint[k]]
+    if differ:
+        shown = ", ".join(
+            f"{k} {saved.get(k)} then, {fingerprint[k]} now"
+            for k in differ
+            if not k.endswith("sha256")
+        ) or ", ".join(differ)
+        files = " and ".join(str(run_dir / f) for f in reused)
+        raise TrainError(
+            f"{files} were made from another dataset ({saved.get('path')}: {shown}) than "
+            f"data.path {path}; delete {files} (and the run's checkpoints) to recompute them "
+            "from this data, or use a new train.output_dir"
+        )
+    if saved.get("path") != fingerprint["path"]:
+        log.warning(
+            "%s were made from %s; data.path %s has the same content (moved or copied): reused",
+            " and ".join(reused),
+            saved.get("path"),
+            path,
+        )
+    return fingerprint
 
 
 def train(cfg: Config, progress: bool = True) -> dict[str, Any]:

@@ -14,6 +14,7 @@ arrays or JPEG/PNG bytes (decoded with PIL). A mapping file:
     fps: 10
     image_orientation: upright
     gripper: "-1_open"
+    image_range: [0, 1]        # only for float (or 16-bit) frames: their value range, -> uint8
 
     >>> reader = HDF5Reader("data/my_robot", mapping="data/my_robot/mapping.yaml")
 """
@@ -28,12 +29,12 @@ from typing import Literal
 import h5py
 import numpy as np
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from vlatune.config.schema import Strict
 from vlatune.conventions import GripperConvention, ImageOrientation
 from vlatune.data.episode import DataError, DatasetInfo, DatasetReader, Episode, FeatureSpec
-from vlatune.data.formats._h5 import H5Files
+from vlatune.data.formats._h5 import H5Files, frames_to_uint8
 
 FORMAT = "hdf5"
 MAPPING_FILE = "vlatune_mapping.yaml"
@@ -55,6 +56,17 @@ class HDF5Mapping(Strict):
     action_range: tuple[float, float] | None = (-1.0, 1.0)
     file_glob: str = "*.hdf5"
     images_encoded: Literal["auto", "raw", "bytes"] = "auto"
+    image_range: tuple[float, float] | None = Field(
+        None,
+        description="value range of float / 16-bit frames, e.g. [0, 1]; they are read as uint8",
+    )
+
+    @field_validator("image_range")
+    @classmethod
+    def _range_increasing(cls, v):
+        if v is not None and not v[1] > v[0]:
+            raise ValueError(f"image_range must be [low, high] with high > low, got {list(v)}")
+        return v
 
     @property
     def state_keys(self) -> list[str]:
@@ -143,7 +155,10 @@ class HDF5Reader(DatasetReader):
         return g[key]
 
     def _length(self, i: int) -> int:
-        return int(self._ds(i, self.mapping.action).shape[0])
+        # an episode without its action dataset is indexed (length 0): validation names it
+        g = self._group(i)
+        key = self.mapping.action
+        return int(g[key].shape[0]) if key in g else 0
 
     def _build_info(self) -> DatasetInfo:
         features: dict[str, FeatureSpec] = {}
@@ -212,12 +227,22 @@ class HDF5Reader(DatasetReader):
     def _image(self, ds: h5py.Dataset, t: int) -> np.ndarray:
         return decode_image_bytes(ds[t]) if self._encoded(ds) else ds[t]
 
+    def _to_uint8(self, frames: np.ndarray, i: int, key: str) -> np.ndarray:
+        fp, g = self._index[i]
+        where = {"file": fp, "episode": g or fp.stem, "key": key}
+        return frames_to_uint8(frames, self.mapping.image_range, where, "mapping key image_range")
+
+    def frame_count(self, i: int, camera: str) -> int:
+        """Stored frames of a camera in episode i (from the dataset's shape; nothing decoded)."""
+        return int(self._ds(i, self._camera_key(camera)).shape[0])
+
     def _camera_key(self, camera: str) -> str:
         key = self.mapping.cameras.get(camera)
         if key is None:
             raise DataError(
                 f"no camera '{camera}' in the mapping (cameras: {sorted(self.mapping.cameras)})",
                 file=self.path,
+                key=f"cameras.{camera}",
             )
         return key
 
@@ -234,20 +259,33 @@ class HDF5Reader(DatasetReader):
                     f"cannot decode image ({e})", file=fp, episode=g or fp.stem, key=key
                 ) from None
         uniq, inv = np.unique(idx, return_inverse=True)
-        return ds[uniq.tolist()][inv]
+        return self._to_uint8(ds[uniq.tolist()][inv], i, key)
 
     def _all_frames(self, i: int, camera: str) -> np.ndarray:
         """Every stored frame (its count may differ from the actions': `data check` says so)."""
         key = self._camera_key(camera)
         ds = self._ds(i, key)
-        return self.read_frames(i, camera, range(ds.shape[0])) if self._encoded(ds) else ds[()]
+        if self._encoded(ds):
+            return self.read_frames(i, camera, range(ds.shape[0]))
+        return self._to_uint8(ds[()], i, key)
 
     def load_episode(self, i: int, cameras: Sequence[str] | None = None) -> Episode:
         fp, g = self._index[i]
         actions = self._ds(i, self.mapping.action)[()]
         states = None
         if self.mapping.state_keys:
-            parts = [self._ds(i, k)[()].reshape(len(actions), -1) for k in self.mapping.state_keys]
+            parts = []
+            for k in self.mapping.state_keys:
+                part = self._ds(i, k)[()]
+                if part.ndim == 0 or len(part) != len(actions):
+                    raise DataError(
+                        f"{k} has shape {part.shape}: {len(part) if part.ndim else 0} frames but "
+                        f"{len(actions)} actions; expected {len(actions)}",
+                        file=fp,
+                        episode=g or fp.stem,
+                        key="state",
+                    )
+                parts.append(part.reshape(len(actions), -1))
             states = np.concatenate(parts, axis=1).astype(np.float32)
         cams = self.info.cameras if cameras is None else list(cameras)
         images = {c: self._all_frames(i, c) for c in cams}

@@ -86,6 +86,31 @@ def _column_to_numpy(table: pa.Table, name: str, shape: tuple[int, ...], dtype: 
     )
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"not valid JSON ({e}); expected a JSON object", file=path) from None
+    if not isinstance(data, dict):
+        raise DataError(f"expected a JSON object, got {type(data).__name__}", file=path)
+    return data
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"unreadable parquet file: truncated or corrupt ({e})", file=path) from None
+
+
+def _require(rows: list[dict[str, Any]], keys: Sequence[str], path: Path, unit: str) -> None:
+    """Every metadata row has `keys` (else: the file, the row and the key)."""
+    for n, r in enumerate(rows, 1):
+        for k in keys:
+            if not isinstance(r, dict) or k not in r:
+                raise DataError(f"{unit} {n} has no '{k}'", file=path, key=k)
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError("missing metadata file", file=path)
@@ -109,15 +134,31 @@ class LeRobotReader(DatasetReader):
                 file=self.path / "meta/info.json",
             )
         self.format = "lerobot_v21" if self.version == "v2.1" else "lerobot_v30"
-        self.meta = json.loads((self.path / "meta/info.json").read_text())
+        self.meta = _read_json(self.path / "meta/info.json")
         if "features" not in self.meta or "fps" not in self.meta:
             raise DataError(
                 "info.json needs 'features' and 'fps'", file=self.path / "meta/info.json"
             )
         self.features = self.meta["features"]
-        self.fps = float(self.meta["fps"])
+        info_file = self.path / "meta/info.json"
+        try:
+            self.fps = float(self.meta["fps"])
+        except (TypeError, ValueError):
+            raise DataError(
+                f"fps is {self.meta['fps']!r}; expected a number", file=info_file, key="fps"
+            ) from None
+        if not isinstance(self.features, dict):
+            raise DataError("expected an object of features", file=info_file, key="features")
+        for name, feat in self.features.items():
+            missing = [k for k in ("dtype", "shape") if not isinstance(feat, dict) or k not in feat]
+            if missing:
+                raise DataError(
+                    f"feature without {' and '.join(missing)}; every feature needs dtype and shape",
+                    file=info_file,
+                    key=f"features.{name}",
+                )
         vt_path = self.path / VLATUNE_META
-        self.vt = json.loads(vt_path.read_text()) if vt_path.is_file() else {}
+        self.vt = _read_json(vt_path) if vt_path.is_file() else {}
         self.video_keys = [k for k, f in self.features.items() if f.get("dtype") == "video"]
         self.image_keys = [k for k, f in self.features.items() if f.get("dtype") == "image"]
         if self.image_keys:
@@ -148,21 +189,26 @@ class LeRobotReader(DatasetReader):
 
     def _load_episodes(self) -> None:
         if self.version == "v2.1":
-            rows = _read_jsonl(self.path / "meta/episodes.jsonl")
-            self.tasks_by_index = {
-                r["task_index"]: r["task"] for r in _read_jsonl(self.path / "meta/tasks.jsonl")
-            }
+            ep_file = self.path / "meta/episodes.jsonl"
+            rows = _read_jsonl(ep_file)
+            _require(rows, ("episode_index", "length"), ep_file, "line")
+            tasks_file = self.path / "meta/tasks.jsonl"
+            task_rows = _read_jsonl(tasks_file)
+            _require(task_rows, ("task_index", "task"), tasks_file, "line")
+            self.tasks_by_index = {r["task_index"]: r["task"] for r in task_rows}
             self.episodes = sorted(rows, key=lambda r: r["episode_index"])
         else:
             files = sorted((self.path / "meta/episodes").glob("*/*.parquet"))
             if not files:
                 raise DataError("no episode metadata", file=self.path / "meta/episodes")
-            table = pa.concat_tables([pq.read_table(f) for f in files])
-            self.episodes = sorted(table.to_pylist(), key=lambda r: r["episode_index"])
+            table = pa.concat_tables([_read_parquet(f) for f in files])
+            rows = table.to_pylist()
+            _require(rows, ("episode_index", "length", "data/chunk_index"), files[0], "row")
+            self.episodes = sorted(rows, key=lambda r: r["episode_index"])
             tasks_file = self.path / "meta/tasks.parquet"
             if not tasks_file.is_file():
                 raise DataError("missing metadata file", file=tasks_file)
-            t = pq.read_table(tasks_file)
+            t = _read_parquet(tasks_file)
             task_col = "task" if "task" in t.column_names else "__index_level_0__"
             if task_col not in t.column_names:
                 raise DataError("no 'task' column or index", file=tasks_file, key="task")
@@ -224,6 +270,42 @@ class LeRobotReader(DatasetReader):
 
     def episode_source(self, i: int) -> str:
         return str(self._data_file(i))
+
+    def undeclared(self, i: int) -> list[tuple[str, str]]:
+        """Columns of episode i's data that meta/info.json does not declare (they would be
+        silently dropped: a missing `observation.state` feature would give a copy without
+        state)."""
+        known = set(self.features) | set(INDEX_COLUMNS)
+        known |= {spec.get("key", k) for k, spec in self.extras.items()}
+        return [
+            (
+                name,
+                "column in the data but not declared in meta/info.json 'features'; it would be "
+                "dropped: declare it there (dtype, shape)",
+            )
+            for name in self._table(i).column_names
+            if name not in known and not name.startswith("__")
+        ]
+
+    def dataset_problems(self) -> list[tuple[Path, str, str]]:
+        """Camera videos stored but not declared in meta/info.json (they would be dropped)."""
+        roots = (
+            list((self.path / "videos").glob("chunk-*"))
+            if self.version == "v2.1"
+            else [self.path / "videos"]
+        )
+        found = {d.name for r in roots if r.is_dir() for d in r.iterdir() if d.is_dir()}
+        if self.version != "v2.1":
+            found = {k for k in found if not k.startswith("chunk-")}
+        return [
+            (
+                self.path / "meta/info.json",
+                key,
+                "camera videos stored but not declared in 'features'; they would be dropped: "
+                "declare the feature (dtype video, shape [H, W, 3])",
+            )
+            for key in sorted(found - set(self.video_keys))
+        ]
 
     def _table(self, i: int) -> pa.Table:
         fp = self._data_file(i)
@@ -298,9 +380,17 @@ class LeRobotReader(DatasetReader):
             if name not in table.column_names:
                 raise DataError("missing column", file=src, episode=ep_index, key=name)
             f = self.features.get(name, {})
-            return _column_to_numpy(
-                table, name, tuple(f.get("shape", ())), f.get("dtype", "float32")
-            )
+            shape = tuple(f.get("shape", ()))
+            try:
+                return _column_to_numpy(table, name, shape, f.get("dtype", "float32"))
+            except (ValueError, TypeError, pa.ArrowException) as e:
+                raise DataError(
+                    f"values do not fit the shape {list(shape)} and dtype {f.get('dtype')} "
+                    f"declared in meta/info.json ({e})",
+                    file=src,
+                    episode=ep_index,
+                    key=name,
+                ) from None
 
         actions = col(ACTION)
         states = col(STATE) if STATE in self.features else None
