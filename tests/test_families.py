@@ -153,6 +153,21 @@ def test_load_detects_lerobot_pi0_folders():
         assert missing_members(policy) == []
 
 
+def test_detect_reads_openvla_and_groot_folders_from_their_files(tmp_path):
+    for name, family in (
+        ("openvla", "openvla"),
+        ("openvla_oft", "openvla"),
+        ("groot_n15", "groot"),
+    ):
+        assert detect(fixture(name)) == family
+    fake = tmp_path / "not_openvla"  # the model type decides, not the file names
+    fake.mkdir()
+    (fake / "config.json").write_text('{"model_type": "llama"}')
+    (fake / "dataset_statistics.json").write_text("{}")
+    with pytest.raises(UnknownLayoutError):
+        detect(fake)
+
+
 def test_load_detects_rdt_folders_bin_and_safetensors(tmp_path):
     from vlatune.policies.rdt.convert import save_released
 

@@ -224,6 +224,19 @@ class OFTHeads:
     noisy_action_projector: NoisyActionProjector | None = None  # diffusion only
 
 
+def is_released_folder(path: str | Path) -> bool:
+    """Whether `path` is an OpenVLA / OpenVLA-OFT HF folder (config.json of model type
+    `openvla`); loading then names whatever else is missing (weights, OFT side files)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        raw = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "openvla"
+
+
 def load_released(
     folder: str | Path,
     timm_overrides: dict | None = None,
