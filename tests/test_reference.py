@@ -276,3 +276,21 @@ def test_fast_checker_fails_on_a_wrong_id(tmp_path):
     (folder / "expected.json").write_text(json.dumps(expected))
     with pytest.raises(AssertionError, match=r"held-out chunks \[3\]"):
         check_fast(folder)
+
+
+def test_shared_comparison_helpers_fail_on_a_difference_past_the_tolerance(tmp_path):
+    import torch
+
+    from vlatune.policies.reference_check import assert_close, read_keys_txt
+
+    want = torch.zeros(2, 3)
+    assert_close("x", want + 5e-5, want)  # within atol = rtol = 1e-4
+    got = want.clone()
+    got[1, 2] = 2e-4
+    with pytest.raises(AssertionError, match=r"x: max abs diff 2.000e-04 .*\(at index \(1, 2\)\)"):
+        assert_close("x", got, want)
+    with pytest.raises(AssertionError, match=r"x: shape \(3,\) != expected \(2, 3\)"):
+        assert_close("x", torch.zeros(3), want)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# key\tshape\tdtype\na.weight\t(4, 2)\tfloat32\nb\t()\tfloat32\n")
+    assert read_keys_txt(keys) == {"a.weight": (4, 2), "b": ()}

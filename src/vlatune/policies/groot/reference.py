@@ -18,29 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from vlatune.policies.groot.convert import load_released, normalize_released_key, to_released_key
-
-ATOL = RTOL = 1e-4
-
-
-def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert tuple(got.shape) == tuple(want.shape), (
-        f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}"
-    )
-    diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
-    assert torch.allclose(got.float(), want.float(), atol=ATOL, rtol=RTOL), (
-        f"{name}: max abs difference {diff:.3g} exceeds atol = rtol = {ATOL}"
-    )
+from vlatune.policies.reference_check import assert_close, read_keys_txt
 
 
 def keys_txt(folder: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (Path(folder) / "keys.txt").read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape = line.split("\t")[:2]
-        key = normalize_released_key(key)[0]  # either SigLIP layout (convert.py)
-        out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return out
+    """keys.txt with each key in NVIDIA's layout (either SigLIP layout, convert.py)."""
+    shapes = read_keys_txt(Path(folder) / "keys.txt")
+    return {normalize_released_key(k)[0]: v for k, v in shapes.items()}
 
 
 class Replay:
@@ -97,7 +81,9 @@ def check_reference(folder: Path) -> None:
     # 2. the backbone alone
     with torch.no_grad():
         feats = model.features(batch)
-    _close("intermediate.backbone_features", feats, expected["intermediate.backbone_features"])
+    assert_close(
+        "intermediate.backbone_features", feats, expected["intermediate.backbone_features"]
+    )
 
     # 3. training loss with the recorded noise, then the raw Beta draw (our t from it)
     replay = Replay([("noise", inputs["noise"]), ("beta", inputs["beta_sample"])])
@@ -106,11 +92,11 @@ def check_reference(folder: Path) -> None:
         loss, parts = model.compute_loss(batch)
     replay.done()
     if "time" in inputs:
-        _close("time", parts["time"], inputs["time"])
+        assert_close("time", parts["time"], inputs["time"])
     for name in ("pred_velocity", "loss_elementwise"):  # intermediates, where recorded
         if name in expected:
-            _close(name, parts[name], expected[name])
-    _close("loss", loss, expected["loss"])
+            assert_close(name, parts[name], expected[name])
+    assert_close("loss", loss, expected["loss"])
 
     # 4. sampling with the recorded start noise (action / action_mask not given)
     replay = Replay([("inference_noise", inputs["inference_noise"])])
@@ -118,4 +104,4 @@ def check_reference(folder: Path) -> None:
     sample_batch = {k: v for k, v in batch.items() if k not in ("action", "action_mask")}
     actions = model.sample_actions(sample_batch)
     replay.done()
-    _close("action_pred", actions, expected["action_pred"])
+    assert_close("action_pred", actions, expected["action_pred"])

@@ -22,22 +22,10 @@ from safetensors.torch import load_file
 
 from vlatune.policies.openvla.configuration import OFTConfig
 from vlatune.policies.openvla.convert import ACTION_HEAD_GLOB, load_released
+from vlatune.policies.reference_check import assert_close
 
 TOL = 1e-4
 TOL_LAYER = 1e-5
-
-
-def _close(name: str, got, want, tol: float) -> None:
-    got_t = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got)
-    want_t = torch.as_tensor(want)
-    assert tuple(got_t.shape) == tuple(want_t.shape), (
-        f"{name}: shape {tuple(got_t.shape)} != expected {tuple(want_t.shape)}"
-    )
-    got_d, want_d = got_t.double(), want_t.double()
-    err = (got_d - want_d).abs().max().item() if got_d.numel() else 0.0
-    assert torch.allclose(got_d, want_d, atol=tol, rtol=tol), (
-        f"{name}: max abs diff {err:.3g} exceeds atol = rtol = {tol:g}"
-    )
 
 
 def _equal(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -87,8 +75,8 @@ def _check_openvla(folder: Path, arch: dict, overrides: dict) -> None:
     with torch.no_grad():
         pv = inp["pixel_values"]
         feats = model.vision_backbone(pv)
-        _close("intermediate.patch_features", feats, exp["intermediate.patch_features"], TOL)
-        _close(
+        assert_close("intermediate.patch_features", feats, exp["intermediate.patch_features"], TOL)
+        assert_close(
             "intermediate.projected_patches",
             model.projector(feats),
             exp["intermediate.projected_patches"],
@@ -96,11 +84,11 @@ def _check_openvla(folder: Path, arch: dict, overrides: dict) -> None:
         )
         out = model(inp["input_ids"], inp["attention_mask"], pv, inp["labels"])
         logits = out["logits"].float()
-        _close("loss", out["loss"], exp["loss"], TOL)
-        _close("loss_elementwise", out["loss_elementwise"], exp["loss_elementwise"], TOL)
-        _close("logits_logsumexp", logits.logsumexp(-1), exp["logits_logsumexp"], TOL)
+        assert_close("loss", out["loss"], exp["loss"], TOL)
+        assert_close("loss_elementwise", out["loss_elementwise"], exp["loss_elementwise"], TOL)
+        assert_close("logits_logsumexp", logits.logsumexp(-1), exp["logits_logsumexp"], TOL)
         cols = exp["logit_columns"]
-        _close("logits_at_columns", logits[..., cols], exp["logits_at_columns"], TOL)
+        assert_close("logits_at_columns", logits[..., cols], exp["logits_at_columns"], TOL)
         _equal("logits_argmax", logits.argmax(-1), exp["logits_argmax"])
         unnorm_key = arch.get("unnorm_key") or next(iter(model.config.norm_stats))
         acts, ids = [], []
@@ -109,7 +97,7 @@ def _check_openvla(folder: Path, arch: dict, overrides: dict) -> None:
             acts.append(a[0])
             ids.append(t[0])
         _equal("action_token_ids", torch.stack(ids), exp["action_token_ids"])
-        _close("actions", np.stack(acts), exp["actions"], TOL)
+        assert_close("actions", np.stack(acts), exp["actions"], TOL)
 
 
 def _check_oft(folder: Path, arch: dict, overrides: dict) -> None:
@@ -135,21 +123,21 @@ def _check_oft(folder: Path, arch: dict, overrides: dict) -> None:
     heads.action_head.eval()
     with torch.no_grad():
         norm = heads.action_head.predict_action(inp["actions_hidden_states"])
-        _close("normalized_actions", norm, exp["normalized_actions"], TOL_LAYER)
-        _close(
+        assert_close("normalized_actions", norm, exp["normalized_actions"], TOL_LAYER)
+        assert_close(
             "proprio_features",
             heads.proprio_projector(inp["proprio"]),
             exp["proprio_features"],
             TOL_LAYER,
         )
         loss = heads.action_head.l1_loss(inp["actions_hidden_states"], inp["ground_truth_actions"])
-        _close("l1_loss", loss, exp["l1_loss"], TOL_LAYER)
+        assert_close("l1_loss", loss, exp["l1_loss"], TOL_LAYER)
         key = arch.get("unnorm_key") or next(iter(model.config.norm_stats))
         acts = [
             unnormalize_oft(model, norm[i].numpy(), key, oft.normalization_type)
             for i in range(norm.shape[0])
         ]
-        _close("actions", np.stack(acts), exp["actions"], TOL)
+        assert_close("actions", np.stack(acts), exp["actions"], TOL)
 
 
 def unnormalize_oft(model, normalized: np.ndarray, key: str, norm_type: str) -> np.ndarray:

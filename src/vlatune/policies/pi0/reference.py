@@ -19,28 +19,7 @@ from safetensors.torch import load_file
 
 from vlatune.policies.pi0.convert import load_released, to_released_key
 from vlatune.policies.pi0.processor import model_inputs, unpad_actions
-
-ATOL = RTOL = 1e-4
-
-
-def _close(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    assert tuple(got.shape) == tuple(want.shape), (
-        f"{name}: shape {tuple(got.shape)} != expected {tuple(want.shape)}"
-    )
-    diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
-    assert torch.allclose(got.float(), want.float(), atol=ATOL, rtol=RTOL), (
-        f"{name}: max abs difference {diff:.3g} exceeds atol = rtol = {ATOL}"
-    )
-
-
-def _keys_txt(folder: Path) -> dict[str, tuple[int, ...]]:
-    out = {}
-    for line in (folder / "keys.txt").read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape = line.split("\t")[:2]
-        out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return out
+from vlatune.policies.reference_check import assert_close, read_keys_txt
 
 
 class _Replay:
@@ -68,7 +47,7 @@ def check_reference(folder: Path) -> None:
     model.eval()
     cfg = model.cfg
     # 1. the checkpoint: every key of keys.txt, shapes included, and nothing else
-    listed = _keys_txt(folder)
+    listed = read_keys_txt(folder / "keys.txt")
     ours = {to_released_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
     assert set(ours) == set(listed), (
         f"{folder}: keys differ from keys.txt: missing {sorted(set(listed) - set(ours))[:5]}, "
@@ -101,23 +80,23 @@ def check_reference(folder: Path) -> None:
             cfg.image_size, cfg.max_state_dim, cfg.max_action_dim, len(images) - len(raw_cams),
         )  # fmt: skip
         for i, (img, m) in enumerate(zip(prepared["images"], prepared["img_masks"], strict=True)):
-            _close(f"processor images.{i}", img, images[i])
+            assert_close(f"processor images.{i}", img, images[i])
             assert torch.equal(m, img_masks[i].bool()), f"processor img_masks.{i} differ"
-        _close("processor actions", prepared["actions"], inp["actions"])
+        assert_close("processor actions", prepared["actions"], inp["actions"])
         if state is not None:
-            _close("processor state", prepared["state"], state)
+            assert_close("processor state", prepared["state"], state)
 
     with torch.no_grad():
         # 3. intermediates, to localise a mismatch
         for i, img in enumerate(images):
             if f"intermediate.image_emb.{i}" in exp:
-                _close(
+                assert_close(
                     f"intermediate.image_emb.{i}",
                     model.embed_image(img),
                     exp[f"intermediate.image_emb.{i}"],
                 )
         emb, pad, _ = model.embed_prefix(images, img_masks, tokens, token_masks)
-        _close("intermediate.prefix_embs", emb, exp["intermediate.prefix_embs"])
+        assert_close("intermediate.prefix_embs", emb, exp["intermediate.prefix_embs"])
         assert torch.equal(pad, exp["intermediate.prefix_pad_masks"].bool()), (
             "intermediate.prefix_pad_masks differ"
         )
@@ -130,16 +109,16 @@ def check_reference(folder: Path) -> None:
         assert not replay.draws, (
             f"the model did not use the recorded draws {[k for k, _ in replay.draws]}"
         )
-        _close("loss_elementwise", loss, exp["loss_elementwise"])
+        assert_close("loss_elementwise", loss, exp["loss_elementwise"])
         cut = loss[:, :, : cfg.action_dim]
-        _close("loss", cut.mean(), exp["loss"])
-        _close("loss_per_sample", cut.mean(dim=(1, 2)), exp["loss_per_sample"])
+        assert_close("loss", cut.mean(), exp["loss"])
+        assert_close("loss_per_sample", cut.mean(dim=(1, 2)), exp["loss_per_sample"])
 
         # 5. sampling: 10 (config) Euler steps from the recorded x_1, prefix cache
         replay = _Replay([("noise", inp["inference_noise"])])
         model.sample_noise = lambda shape, device: replay.take("noise", shape)
         actions = model.sample_actions(images, img_masks, tokens, token_masks, state)
         assert not replay.draws, "sample_actions did not draw its starting noise"
-        _close("actions_padded", actions, exp["actions_padded"])
-        _close("actions", unpad_actions(actions, cfg.action_dim), exp["actions"])
+        assert_close("actions_padded", actions, exp["actions_padded"])
+        assert_close("actions", unpad_actions(actions, cfg.action_dim), exp["actions"])
     del model.sample_noise, model.sample_time

@@ -20,32 +20,7 @@ from pathlib import Path
 
 import torch
 
-TOL = 1e-4
-
-
-def read_keys_txt(path: Path) -> dict[str, tuple[int, ...]]:
-    """`keys.txt`: `key<TAB>(shape)<TAB>dtype` lines, `#` comments."""
-    out = {}
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        key, shape, _dtype = line.split("\t")
-        dims = shape.strip().strip("()").replace(" ", "")
-        out[key] = tuple(int(d) for d in dims.split(",") if d)
-    return out
-
-
-def _close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = TOL) -> None:
-    assert tuple(got.shape) == tuple(want.shape), (
-        f"{name}: shape {tuple(got.shape)}, reference {tuple(want.shape)}"
-    )
-    got, want = got.detach().double().cpu(), want.double()
-    if not torch.allclose(got, want, atol=tol, rtol=tol):
-        diff = (got - want).abs()
-        raise AssertionError(
-            f"{name}: max abs diff {diff.max().item():.3e} (tolerance atol=rtol={tol}) at "
-            f"index {tuple(int(i) for i in torch.nonzero(diff == diff.max())[0])}"
-        )
+from vlatune.policies.reference_check import assert_close, read_keys_txt
 
 
 def check_reference(folder: Path) -> None:
@@ -78,9 +53,9 @@ def check_reference(folder: Path) -> None:
             noise=x["noise"],
             timesteps=x["timesteps"],
         )
-    _close("pred", out.pred, exp["pred"])
-    _close("loss_elementwise", out.loss_elementwise, exp["loss_elementwise"])
-    _close("loss", out.loss, exp["loss"])
+    assert_close("pred", out.pred, exp["pred"])
+    assert_close("loss_elementwise", out.loss_elementwise, exp["loss_elementwise"])
+    assert_close("loss", out.loss, exp["loss"])
 
     if "inference_timesteps" in exp:
         got_t = model.inference_timesteps()
@@ -90,4 +65,4 @@ def check_reference(folder: Path) -> None:
     actions = model.predict_action(
         *cond, x["action_mask"], x["ctrl_freqs"], noise=x["inference_noise"]
     )
-    _close("actions", actions, exp["actions"])
+    assert_close("actions", actions, exp["actions"])
