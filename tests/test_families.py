@@ -83,10 +83,20 @@ def test_registry_names_families_and_resolves_them_lazily():
         registry.get("zzzzzz")
 
 
-def test_build_of_a_family_without_builder_says_so():
+def test_build_of_a_family_without_builder_says_so(monkeypatch):
+    import dataclasses
+
+    family = dataclasses.replace(registry.FAMILIES["pi0"], build=None)
+    monkeypatch.setitem(registry.FAMILIES, "pi0", family)
     cfg = Config.model_validate({"policy": {"type": "pi0"}})
-    with pytest.raises(NotImplementedError, match="policy.type 'pi0'.*issue 20 item 3"):
+    with pytest.raises(NotImplementedError, match="policy.type 'pi0'.*cannot build"):
         registry.build(cfg, STATS)
+
+
+def test_every_family_has_config_build_load_and_detect():
+    for family in registry.FAMILIES.values():
+        for piece in ("config", "build", "load", "detect"):
+            assert callable(registry.resolve(getattr(family, piece))), (family.name, piece)
 
 
 # ---------------------------------------------------------------- policy.type in the config
@@ -113,12 +123,20 @@ def test_policy_type_errors_name_the_key_and_the_closest_family():
         validate_config({"policy": {"hed": "l1"}}, "r.yaml")
 
 
-def test_every_recipe_without_type_loads_as_composed():
+def test_every_recipe_loads_as_the_family_it_names():
+    import yaml
+
+    from vlatune.config.loader import resolve_config_path
+
     recipes = list_recipes()
     assert recipes
     for name in recipes:
+        raw = yaml.safe_load(resolve_config_path(name).read_text())
+        named = (raw.get("policy") or {}).get("type")
         cfg = load_config(name)
-        assert cfg.policy.type == "composed", name
+        assert cfg.policy.type == (named or cfg.policy.type), name
+        if named is None and "base" not in raw:
+            assert cfg.policy.type == "composed", name
 
 
 # ---------------------------------------------------------------- the interface
@@ -211,9 +229,18 @@ def test_policy_inspect_on_a_vlatune_policy(tmp_path):
     out = result.output
     assert "family:        composed" in out and f"{total:,} total" in out
     assert "image_orientation=upright" in out and "normalization.json" in out
-    assert "normalised (q99)" in out
+    assert "normalise actions (q99" in out and "resize to 32x32" in out
     result = CliRunner().invoke(cli, ["policy", "inspect", str(tmp_path / "p"), "--json"])
     assert json.loads(result.output)["parameters"] == total
+
+
+def test_evaluating_a_released_folder_says_to_fine_tune_it_first():
+    from vlatune.eval.policies import load_policy
+
+    for name in ("pi0", "rdt"):
+        path = fixture(name)
+        with pytest.raises(ValueError, match=f"released {name} folder without vlatune's processor"):
+            load_policy(str(path))
 
 
 def test_policy_inspect_on_released_folders_and_unknown_ones(tmp_path):

@@ -591,3 +591,26 @@ def test_broken_lerobot_metadata_names_file_and_key(tmp_path, edit, key):
         r = run(*args)
         assert r.exit_code == 1 and "info.json" in r.output and f"key '{key}'" in r.output
         assert r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_atomic_file_renames_on_success_and_leaves_nothing_on_failure(tmp_path):
+    from vlatune.fsutil import atomic_file, is_stale_temporary, write_text
+
+    dest = tmp_path / "plot.png"
+    with atomic_file(dest, keep_suffix=True) as tmp:
+        assert tmp.suffix == ".png" and tmp.name.startswith(".vlatune-tmp.")
+        tmp.write_bytes(b"png")
+    assert dest.read_bytes() == b"png" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "plot.png"
+    ]
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "x.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+    write_text(tmp_path / "y.md", "done\n")
+    assert (tmp_path / "y.md").read_text() == "done\n"
+    # a suffixed temporary of a dead process is recognised as stale
+    from vlatune.fsutil import _HOST
+
+    dead = tmp_path / f".vlatune-tmp.v.mp4.{_HOST}.999999999.mp4"
+    assert is_stale_temporary(dead)

@@ -243,11 +243,34 @@ def test_two_process_ddp_on_cpu(tmp_path, dataset):
     assert [json.loads(x)["step"] for x in rows] == [1, 2, 3, 4]  # one writer, no duplicates
 
 
-RECIPES = sorted(
+ALL_RECIPES = sorted(
     p.relative_to(ROOT / "configs")
     for p in (ROOT / "configs").rglob("*.yaml")
     if p.parent.name != "accelerate"  # accelerate's own launcher configs
 )
+
+
+def _family(config) -> str:
+    from vlatune.config import load_config
+
+    return load_config(ROOT / "configs" / config).policy.type
+
+
+RECIPES = [c for c in ALL_RECIPES if _family(c) == "composed"]
+
+
+def test_family_recipes_train_in_their_family_tests():
+    """A released family's recipe (policy.type other than composed) needs that family's tiny
+    checkpoint: tests/test_<family>_recipes.py trains it two steps; each one must be there."""
+    missing = []
+    for config in ALL_RECIPES:
+        family = _family(config)
+        if family == "composed":
+            continue
+        test_file = ROOT / "tests" / f"test_{family}_recipes.py"
+        if not test_file.is_file() or config.name not in test_file.read_text():
+            missing.append(f"{config} (expected in {test_file.name})")
+    assert not missing, f"family recipes no test trains: {missing}"
 
 
 @pytest.mark.parametrize("config", RECIPES)

@@ -888,6 +888,14 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
     help="DART noise on the expert's executed actions while recording (labels stay clean).",
 )
 @click.option(
+    "--seed",
+    "record_seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Recording seed: the sampled initial states and noise of the demonstrations.",
+)
+@click.option(
     "--out",
     "out_dir",
     default=Path("outputs/demo"),
@@ -904,7 +912,17 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 )
 @click.argument("overrides", nargs=-1)
 def demo(
-    suite, task_id, episodes, minutes, trials, workers, noise, out_dir, config_file, overrides
+    suite,
+    task_id,
+    episodes,
+    minutes,
+    trials,
+    workers,
+    noise,
+    record_seed,
+    out_dir,
+    config_file,
+    overrides,
 ):
     """Record demos, convert to LeRobot, train a tiny policy, evaluate it on held-out init
     states and write OUT/report.html: the whole pipeline on a CPU."""
@@ -922,6 +940,7 @@ def demo(
         trials=trials,
         workers=workers,
         noise=noise,
+        seed=record_seed,
         config=config_file,
         overrides=list(overrides),
         say=console.print,

@@ -72,6 +72,24 @@ SETTLE_ACTION = np.array([0, 0, 0, 0, 0, 0, GRIPPER_OPEN_ENV], dtype=np.float64)
 CAMERAS = {"agentview": "agentview", "wrist": "robot0_eye_in_hand"}
 
 GripperConvention = Literal["-1_open", "1_open", "0_1_open"]
+
+# What released models were pretrained with, converted by each family's processor (a step with
+# an inverse, so training frames and predicted chunks cross the boundary once, the same way):
+# - NORA (declare-lab/nora, nora-long): gripper in [0, 1], 0 = close, 1 = open: "0_1_open"
+#   (NORA's own LIBERO rule, +1 close when g <= 0.5, is this one's inverse on +-1 values);
+#   actions unnormalised with its norm_stats.json (q01 / q99) unless fine-tuning replaces them.
+# - OpenVLA / OFT: gripper [0, 1] with 1 = open on its LIBERO data ("0_1_open" as well).
+# - pi0 / pi0.5: LIBERO's env convention (openpi trains on raw LIBERO actions); state and
+#   actions zero-padded to 32 dims and cut back (vlatune.policies.processor.PadVector).
+# - GR00T N1.5: env convention; state padded to 64, actions to 32, min-max normalised.
+# - RDT-1B: the 128-d unified vector; LIBERO's gripper goes in as its joint-open fraction
+#   (vlatune.policies.rdt.unified documents the indices and the mapping).
+MODEL_GRIPPER: dict[str, GripperConvention] = {
+    "nora": "0_1_open",
+    "openvla": "0_1_open",
+    "pi0": "-1_open",
+    "groot": "-1_open",
+}
 ImageOrientation = Literal["raw", "upright"]
 
 

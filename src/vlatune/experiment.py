@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlatune.fsutil import write_json
+from vlatune.fsutil import write_json, write_text
 
 SUBSETS = ("spatial", "object", "goal", "long")
 
@@ -253,9 +253,7 @@ def write_results(out: Path, records: list[dict[str, Any]]) -> tuple[Path, Path]
             cells.append(text)
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     md = out / "results.md"
-    tmp = md.with_name(".results.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(md)
+    write_text(md, "\n".join(lines) + "\n")
     fields = [
         "phase", "subset", "success_rate", "ci95_low", "ci95_high", "trials", "successes",
         "steps", "trained", "config", "run_dir", "eval_dir",
@@ -266,8 +264,6 @@ def write_results(out: Path, records: list[dict[str, Any]]) -> tuple[Path, Path]
     for r in records:
         w.writerow(r)
     csv_path = out / "results.csv"
-    tmp = csv_path.with_name(".results.csv.tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(csv_path)
+    write_text(csv_path, buf.getvalue())
     write_json(out / "results.json", {"cells": records})
     return md, csv_path

@@ -29,7 +29,9 @@ from typing import Any
 log = logging.getLogger("vlatune")
 TMP_PREFIX = ".vlatune-tmp."
 _HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
-_TMP_NAME = re.compile(r"^\.vlatune-tmp\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)$")
+_TMP_NAME = re.compile(
+    r"^\.vlatune-tmp\.(?P<name>.+)\.(?P<host>[A-Za-z0-9_-]+)\.(?P<pid>\d+)(?P<ext>\.\w+)?$"
+)
 
 
 def tmp_path(dest: str | Path) -> Path:
@@ -113,6 +115,38 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
+    """A temporary path to write `dest` to, renamed to `dest` when the block ends without
+    error and removed otherwise. `keep_suffix` ends the temporary name with `dest`'s suffix,
+    for writers that choose the format by it (matplotlib, FFmpeg)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(dest)
+    if keep_suffix and dest.suffix:
+        tmp = tmp.with_name(tmp.name + dest.suffix)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except OSError as e:
+        remove_path(tmp)
+        raise with_final_name(e, tmp, dest) from None
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Text written to a temporary name and renamed (the temporary is removed on failure)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

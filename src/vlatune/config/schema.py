@@ -257,12 +257,29 @@ class Pi0FamilyConfig(Strict):
         "pi0", description="pi0 (state token, action-time MLP) or pi05 (adaRMS time)"
     )
     pretrained: str | None = Field(
-        None, description="a LeRobot pi0 / pi0.5 folder (config.json + model.safetensors)"
+        None,
+        description="a local LeRobot pi0 / pi0.5 folder (config.json + model.safetensors); "
+        "hub ids are not downloaded: `huggingface-cli download lerobot/pi05_base --local-dir "
+        "DIR` first. Needed by `vlatune train` (no random-weight start)",
+    )
+    tokenizer: str = Field(
+        "google/paligemma-3b-pt-224",
+        description="the PaliGemma tokenizer: a local folder, or a hub id already in the local "
+        "Hugging Face cache (never downloaded); saved with the policy",
+    )
+    empty_cameras: int = Field(
+        0,
+        ge=0,
+        description="absent camera slots appended after data.cameras (image -1, mask False), "
+        "LeRobot's empty_cameras: 1 gives openpi's 3 slots on LIBERO's 2 cameras",
     )
     freeze_vision: bool = Field(False, description="LeRobot's freeze_vision_encoder")
     train_expert_only: bool = Field(False, description="LeRobot's train_expert_only")
     lora: LoraConfig | None = Field(
-        None, description="adapters on both Gemma stacks' attention and the action projections"
+        None,
+        description="adapters (r, alpha, dropout) on q/k/v/o of both Gemma stacks and the "
+        "state / action / time projections, everything else frozen; target_modules is not "
+        "read (the targets are fixed: vlatune.policies.pi0.policy.lora_targets)",
     )
 
 
@@ -274,14 +291,183 @@ class RDTFamilyConfig(Strict):
     pretrained: str | None = Field(
         None,
         description="an RDT folder: config.json (RDTRunner init arguments) + model.safetensors "
-        "or pytorch_model.bin",
+        "or pytorch_model.bin (rdt-1b: robotics-diffusion-transformer/rdt-1b; a hub id is "
+        "downloaded with huggingface_hub); required to build a policy",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the released config does not say; upstream trains in bfloat16"
     )
+    vision_encoder: str | None = Field(
+        None,
+        description="the SigLIP vision tower giving the image tokens (the released RDT folder "
+        "has none; rdt-1b used google/siglip-so400m-patch14-384): a folder or hub id with a "
+        "SigLIP (vision) config, weights and image processor; frozen, as upstream",
+    )
+    text_encoder: str | None = Field(
+        None,
+        description="the T5 encoder of the instructions (rdt-1b: google/t5-v1_1-xxl): a folder "
+        "or hub id with config, weights and tokenizer; used only by `prepare` (every training "
+        "instruction encoded once, then released) and for an instruction unseen at evaluation",
+    )
+    max_text_tokens: int = Field(
+        1024, gt=0, description="T5 tokens kept per instruction (<= the model's max_lang_cond_len)"
+    )
+    language_cache: str | None = Field(
+        None,
+        description="folder of cached T5 embeddings (default ~/.cache/vlatune/language), keyed "
+        "by sha256(encoder, max tokens, text) as the composed rdt-style backbone",
+    )
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA on the diffusion transformer's attention and MLP linears (target "
+        "'all-linear' = attn.qkv, attn.proj, cross_attn.q/kv/proj, ffn.fc1/fc2 of every block); "
+        "the adaptors stay fully trained, everything else frozen; None: full fine-tuning",
+    )
+    unified: dict[str, Any] = Field(
+        default_factory=dict,
+        description="LIBERO's 7-d action / 8-d state in RDT's 128-d unified vector, the "
+        "control frequency (ctrl_freq, 20 Hz) and the camera slots: the fields of "
+        "vlatune.policies.rdt.unified.LiberoUnified (absent ones keep its defaults)",
+    )
+
+    @field_validator("unified")
+    @classmethod
+    def _unified_mapping(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from vlatune.policies.rdt.unified import LiberoUnified
+
+        return LiberoUnified.model_validate(v).model_dump()
 
 
-POLICY_TYPES = ("composed", "pi0", "rdt")
+class GrootFamilyConfig(Strict):
+    """The `groot` family (`vlatune.policies.groot`): GR00T N1.5 in NVIDIA's layout. The
+    architecture comes from the pretrained folder's config.json + eagle_config.json."""
+
+    type: Literal["groot"]
+    pretrained: str | None = Field(
+        None,
+        description="an NVIDIA GR00T N1.5 folder (config.json, model.safetensors, eagle_config.json)",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="the Eagle 2.5 processor folder holding the Qwen3 tokenizer with <IMG_CONTEXT> "
+        "(lerobot/eagle2hg-processor-groot-n1p5); None: the pretrained folder's tokenizer/ "
+        "subfolder, else the pretrained folder itself",
+    )
+    embodiment_id: int = Field(
+        31,
+        ge=0,
+        description="row of the embodiment-specific encoders / decoder (31: new_embodiment)",
+    )
+    tune_llm: bool = Field(False, description="train the Qwen3 layers (GR00T's tune_llm)")
+    tune_visual: bool = Field(True, description="train SigLIP + the mlp1 connector (tune_visual)")
+    tune_projector: bool = Field(
+        True,
+        description="train the state / action encoders and the action decoder (tune_projector)",
+    )
+    tune_diffusion_model: bool = Field(True, description="train the DiT (tune_diffusion_model)")
+    lora: LoraConfig | None = Field(
+        None,
+        description="adapters on DiT linears; target_modules are name suffixes inside the DiT "
+        "('all-linear': every attention and feed-forward linear of its blocks)",
+    )
+    num_inference_steps: int = Field(4, gt=0, description="Euler steps when sampling a chunk")
+
+
+class OpenVLAFamilyConfig(Strict):
+    """The `openvla` family (`vlatune.policies.openvla`): OpenVLA-7B and OpenVLA-OFT in the
+    HF remote-code layout (+ OFT's side files)."""
+
+    type: Literal["openvla"]
+    pretrained: str | None = Field(
+        None,
+        description="an OpenVLA / OFT folder (config.json, model.safetensors, dataset_statistics.json)",
+    )
+    variant: Literal["openvla", "oft"] = Field(
+        "oft",
+        description="openvla: next-token prediction of 256-bin action tokens (one step); oft: "
+        "parallel decoding of a chunk through an action head",
+    )
+    head: Literal["l1", "diffusion"] = Field(
+        "l1", description="oft: L1RegressionActionHead or the DDIM DiffusionActionHead"
+    )
+    num_images: int = Field(
+        2, gt=0, description="oft: images per sample (the first data.cameras), 6 channels each"
+    )
+    use_proprio: bool = Field(True, description="oft: the proprio projector token (8-d state)")
+    film: bool = Field(False, description="oft: FiLM on the vision blocks (OFT's wrapper)")
+    attention: Literal["bidirectional", "action_span"] = Field(
+        "bidirectional", description="oft: the 4D attention mask of the parallel-decoding pass"
+    )
+    diffusion_steps_train: int = Field(50, gt=0, description="oft diffusion: DDIM train steps")
+    diffusion_steps_inference: int = Field(50, gt=0, description="oft diffusion: DDIM steps")
+    platform: Literal["libero", "aloha", "bridge"] = Field(
+        "libero", description="OFT's constants (proprio dim, normalisation type)"
+    )
+    unnorm_key: str = Field(
+        "vlatune",
+        description="the key of the training statistics in the saved dataset_statistics.json",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="a folder with the Llama tokenizer.json (None: the pretrained folder's own)",
+    )
+    max_prompt_tokens: int = Field(48, gt=0, description="prompt ids are right-padded to this")
+    lora: LoraConfig | None = Field(
+        None,
+        description="adapters on every linear of the VLA but lm_head (OFT: r32, alpha 16, "
+        "dropout 0); the action head, proprio projector and FiLM train fully",
+    )
+    merge_lora_on_save: bool = Field(
+        True,
+        description="OFT's merge_lora_during_training: model.safetensors holds the merged VLA "
+        "(adapters beside it); false: the frozen base (bit-exact resume)",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="VLA weights")
+    energy: EnergyConfig = Field(default_factory=EnergyConfig)
+
+
+class NoraFamilyConfig(Strict):
+    """The `nora` family (`vlatune.policies.nora`): NORA / NORA-Long exactly (Qwen2.5-VL-3B,
+    `<robot_action_k>` at 151665 + k, FAST+). The ECoT / flow reasoning phases are composed
+    recipes (configs/nora/)."""
+
+    type: Literal["nora"]
+    pretrained: str | None = Field(
+        None, description="a NORA folder (HF Qwen2.5-VL + norm_stats.json)"
+    )
+    fast_tokenizer: str | None = Field(
+        None,
+        description="folder of the FAST+ tokenizer (physical-intelligence/fast, downloaded); "
+        "default: <pretrained>/fast_tokenizer (a folder saved by vlatune holds it)",
+    )
+    lora: LoraConfig | None = Field(
+        default_factory=LoraConfig,
+        description="LoRA on every linear layer (NORA's recipe: r 16, alpha 32, dropout 0.05); "
+        "null: full fine-tuning",
+    )
+    keep_norm_stats: bool = Field(
+        False,
+        description="normalise with NORA's norm_stats.json (q01 / q99 of `unnorm_key`) instead "
+        "of the dataset's statistics",
+    )
+    unnorm_key: str | None = Field(
+        None,
+        description="the norm_stats.json dataset key (keep_norm_stats; may be omitted when the "
+        "file holds one); the key the dataset's statistics are saved under otherwise",
+    )
+    camera: str | None = Field(
+        None, description="the camera NORA sees (default: the first of data.cameras)"
+    )
+    max_prompt_tokens: int = Field(
+        256, gt=0, description="prompts are left-padded to this length in the loader"
+    )
+    max_new_tokens: int = Field(
+        64, gt=2, description="greedy decoding budget (and the longest training target)"
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+POLICY_TYPES = ("composed", "pi0", "rdt", "groot", "openvla", "nora")
 
 
 def _policy_type(value: Any) -> Any:
@@ -301,7 +487,14 @@ def _policy_type(value: Any) -> Any:
 
 
 AnyPolicyConfig = Annotated[
-    Union[PolicyConfig, Pi0FamilyConfig, RDTFamilyConfig],  # noqa: UP007 (a discriminated union)
+    Union[  # noqa: UP007 (a discriminated union)
+        PolicyConfig,
+        Pi0FamilyConfig,
+        RDTFamilyConfig,
+        GrootFamilyConfig,
+        OpenVLAFamilyConfig,
+        NoraFamilyConfig,
+    ],
     Field(discriminator="type"),
     BeforeValidator(_policy_type),
 ]
@@ -324,6 +517,12 @@ class TrainConfig(Strict):
     output_dir: str = "runs/default"
     seed: int = 0
     max_steps: int = Field(1000, gt=0)
+    max_epochs: float | None = Field(
+        None,
+        gt=0.0,
+        description="train this many passes over the training frames: max_steps becomes "
+        "ceil(epochs x frames / global batch) (an explicit max_steps that is smaller wins)",
+    )
     max_minutes: float | None = Field(None, gt=0.0, description="stop after this wall time")
     grad_accum_steps: int = Field(1, gt=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

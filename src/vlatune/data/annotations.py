@@ -61,7 +61,7 @@ def write_annotations(path: str | Path, frames: list[dict[str, Any]], **meta: An
     """Atomic write of an annotation file (temporary name, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **meta, "frames": frames}) + "\n")
-    tmp.replace(path)
+    from vlatune.fsutil import write_text
+
+    write_text(path, json.dumps({"format": FORMAT, **meta, "frames": frames}) + "\n")
     return path

@@ -31,7 +31,7 @@ import torch
 from vlatune.conventions import gripper_to_env, to_upright
 from vlatune.data.episode import DataError, DatasetReader
 from vlatune.data.io import open_dataset
-from vlatune.data.transforms import ImageTransform, Normalizer
+from vlatune.data.transforms import Normalizer
 
 
 def normalizers_from_stats(data_cfg, stats: dict[str, Any]) -> tuple[Normalizer, Normalizer | None]:
@@ -68,7 +68,11 @@ class FrameDataset(torch.utils.data.Dataset):
         mapping: str | Path | None = None,
         seed: int = 0,
         cache_images: bool = False,
+        processor=None,
     ):
+        """`processor` (a policy's `vlatune.policies.processor.Processor`) turns each frame
+        into model inputs; by default the composed family's chain built from the arguments
+        above (images, normalised state and actions). It runs in training mode when `train`."""
         self.path, self.format, self.mapping = Path(path), format, mapping
         self.cache_images = cache_images
         self._frames: dict[tuple[int, str], np.ndarray] = {}
@@ -96,14 +100,22 @@ class FrameDataset(torch.utils.data.Dataset):
         self.episodes = list(range(len(reader))) if episodes is None else [int(e) for e in episodes]
         lengths = np.array([reader.episode_length(e) for e in self.episodes], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(lengths)])
-        self._image = ImageTransform(
-            image_size,
-            crop_area=crop_area,
-            train=train,
-            brightness=jitter[0] if train else 0.0,
-            contrast=jitter[1] if train else 0.0,
-            saturation=jitter[2] if train else 0.0,
-        )
+        if processor is None:
+            from vlatune.policies.processor import composed_processor
+
+            processor = composed_processor(
+                self.cameras,
+                image_size,
+                action_normalizer,
+                state_normalizer,
+                crop_area=crop_area,
+                jitter=jitter,
+                camera_dropout=camera_dropout,
+                min_cameras=min_cameras,
+                gripper_dim=gripper_dim,
+                horizon=horizon,
+            )
+        self.processor = processor.training(train)
         self._rng = np.random.default_rng(seed)
         self._lowdim: OrderedDict[int, tuple[np.ndarray, np.ndarray | None, str]] = OrderedDict()
 
@@ -120,8 +132,10 @@ class FrameDataset(torch.utils.data.Dataset):
         mapping=None,
         action_norm: Normalizer | None = None,
         state_norm: Normalizer | None = None,
+        processor=None,
     ) -> FrameDataset:
-        """Normalisers come from `stats`, or are given (a policy's, when resuming)."""
+        """Normalisers come from `stats`, or are given (a policy's, when resuming); a
+        `processor` (the policy's) replaces the default chain."""
         a_norm, s_norm = action_norm, state_norm
         if a_norm is None:
             a_norm, s_norm = normalizers_from_stats(data_cfg, stats)
@@ -149,6 +163,7 @@ class FrameDataset(torch.utils.data.Dataset):
             mapping=mapping,
             seed=seed,
             cache_images=data_cfg.cache_images,
+            processor=processor,
         )
 
     # a reader per process: h5py and PyAV handles must not cross a DataLoader worker fork
@@ -205,42 +220,43 @@ class FrameDataset(torch.utils.data.Dataset):
                 self._lowdim.popitem(last=False)
         return hit
 
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        """Sample k % len(self). Augmentation (crop, jitter, camera dropout) is drawn from a
-        generator seeded by (seed, k), so a sampler that numbers epochs (k = epoch * len + i)
-        gets fresh augmentation each epoch, identical across worker counts and resumes."""
-        draw = int(k)
-        k = draw % len(self)
-        if self.train:
-            self._rng = np.random.default_rng([self.seed, draw])
-            self._image.rng = self._rng
+    def use_processor(self, processor) -> None:
+        """Run `processor` (the policy's) on every frame from now on, in this dataset's mode."""
+        self.processor = processor.training(self.train)
+
+    def frame(self, k: int) -> dict[str, Any]:
+        """Sample k as a frame (`vlatune.policies.processor`): upright uint8 images at the
+        recorded size, state and action chunk in env units (gripper converted), before any
+        processing."""
         pos, t = self.locate(k)
         ep = self.episodes[pos]
         actions, states, instruction = self._episode_lowdim(ep)
         T = len(actions)
         idx = np.arange(t, t + self.horizon)
-        mask = idx < T
-        chunk = actions[np.minimum(idx, T - 1)]
-        sample: dict[str, Any] = {
-            "actions": torch.from_numpy(self.action_norm(chunk)),
-            "action_mask": torch.from_numpy(mask),
+        frame: dict[str, Any] = {
+            "images": {cam: self.episode_frames(ep, cam, t) for cam in self.cameras},
             "instruction": instruction,
+            "actions": actions[np.minimum(idx, T - 1)],
+            "action_mask": torch.from_numpy(idx < T),
             "episode": ep,
             "frame": t,
         }
-        if states is not None and self.state_norm is not None:
-            sample["state"] = torch.from_numpy(self.state_norm(states[t]))
-        keep = self._camera_keep()
-        images, present = {}, []
-        for cam, on in zip(self.cameras, keep, strict=True):
-            if on:
-                images[cam] = self._image(self.episode_frames(ep, cam, t))
-            else:
-                images[cam] = torch.zeros(3, self._image.size, self._image.size, dtype=torch.uint8)
-            present.append(bool(on))
-        sample["images"] = images
-        sample["image_mask"] = torch.tensor(present)
-        sample.update(self.annotations.get((ep, t), {}))
+        if states is not None:
+            frame["state"] = np.asarray(states[t], np.float64)
+        return frame
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        """Sample k % len(self): `frame(k)` through the processor. Augmentation (crop, jitter,
+        camera dropout) is drawn from a generator seeded by (seed, k), so a sampler that
+        numbers epochs (k = epoch * len + i) gets fresh augmentation each epoch, identical
+        across worker counts and resumes."""
+        draw = int(k)
+        k = draw % len(self)
+        if self.train:
+            self._rng = np.random.default_rng([self.seed, draw])
+        frame = self.frame(k)
+        sample = self.processor(frame, self._rng)
+        sample.update(self.annotations.get((frame["episode"], frame["frame"]), {}))
         return sample
 
     def instructions(self) -> list[str]:
@@ -260,17 +276,6 @@ class FrameDataset(torch.utils.data.Dataset):
             out.append(self.action_norm(actions[idx]))
         return out
 
-    def _camera_keep(self) -> list[bool]:
-        n = len(self.cameras)
-        if self.camera_dropout <= 0:
-            return [True] * n
-        keep = self._rng.random(n) >= self.camera_dropout
-        if keep.sum() < self.min_cameras:  # restore random dropped cameras up to the minimum
-            dropped = np.flatnonzero(~keep)
-            self._rng.shuffle(dropped)
-            keep[dropped[: self.min_cameras - int(keep.sum())]] = True
-        return keep.tolist()
-
 
 def worker_init(worker_id: int) -> None:
     """Give each DataLoader worker its own augmentation stream."""
@@ -278,7 +283,6 @@ def worker_init(worker_id: int) -> None:
     if info is not None:
         ds = info.dataset
         ds._rng = np.random.default_rng([ds.seed, worker_id, info.seed % (2**32)])
-        ds._image.rng = np.random.default_rng([ds.seed, worker_id, 1, info.seed % (2**32)])
 
 
 LISTED = ("reasoning", "flow_tokens")  # per-sample annotations, possibly absent: kept as lists
@@ -312,6 +316,7 @@ def make_loader(
     `persistent_workers` keeps workers across passes (a loader iterated more than once)."""
     gen = torch.Generator()
     gen.manual_seed(seed)
+    processor = getattr(ds, "processor", None)  # the policy's chain: its own collate
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs = {
@@ -326,7 +331,7 @@ def make_loader(
     return torch.utils.data.DataLoader(
         ds,
         num_workers=num_workers,
-        collate_fn=collate,
+        collate_fn=processor.collate if processor is not None else collate,
         pin_memory=torch.cuda.is_available(),
         generator=gen,
         **kwargs,

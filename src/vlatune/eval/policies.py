@@ -194,6 +194,10 @@ def load_policy(spec: str) -> Policy:
         from vlatune.policies import load  # the family is detected from the folder's files
 
         policy = load(spec)
+        if not callable(getattr(policy, "predict", None)):
+            from vlatune.policies.io import not_evaluable_reason
+
+            raise ValueError(not_evaluable_reason(spec))
         policy.eval_settings = checkpoint_eval_settings(spec)
         return policy
     if ":" in spec and not Path(spec).exists():

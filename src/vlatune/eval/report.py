@@ -22,6 +22,7 @@ from typing import Any
 
 from vlatune.eval.results import fallback_text, headline, outcome
 from vlatune.eval.runner import latest_episodes, read_episodes
+from vlatune.fsutil import write_text
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -141,9 +142,7 @@ figure {{ display: inline-block; margin: 4px; }}
     )
     html_path, md_path = out / "report.html", out / "report.md"
     for path, text in ((html_path, page), (md_path, md)):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_text(path, text)
     return html_path, md_path
 
 

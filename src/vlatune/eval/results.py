@@ -213,15 +213,12 @@ def write_results(out: Path, summary: dict[str, Any], meta: dict[str, Any]) -> d
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    import os
+    from vlatune.fsutil import write_text
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def plot_success_rates(summary: dict[str, Any], path: Path) -> None:
-    import os
 
     import matplotlib
 
@@ -251,7 +248,8 @@ def plot_success_rates(summary: dict[str, Any], path: Path) -> None:
             fontsize=9,
         )
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    from vlatune.fsutil import atomic_file
+
+    with atomic_file(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -50,7 +50,7 @@ import numpy as np
 from vlatune.conventions import NUM_INIT_STATES, SUITES, resolve_suite
 from vlatune.eval.policies import EpisodeContext, check_conventions, config_hash, load_policy
 from vlatune.eval.results import summarize, write_results
-from vlatune.fsutil import write_json
+from vlatune.fsutil import atomic_file, write_bytes, write_json, write_text
 from vlatune.sim.render import one_render_thread
 
 
@@ -224,9 +224,7 @@ def repair_log(path: Path) -> str | None:
     side = path.with_name(path.name + ".torn")
     with side.open("ab") as f:
         f.write(data[last_start:].rstrip(b"\n") + b"\n")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data[:last_start])
-    os.replace(tmp, path)
+    write_bytes(path, data[:last_start])
     return (
         f"{path}: the last line was cut by an interrupted run ({len(data) - last_start} bytes); "
         f"moved to {side.name}, its episode runs again"
@@ -389,9 +387,8 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
             frames.append(np.concatenate([obs["images"][c] for c in env.cameras], axis=1))
         name = f"{ep['suite']}_t{ep['task_id']}_trial{ep['trial']}_{'success' if success else 'failure'}.mp4"
         path = spec.out / "videos" / name
-        tmp = path.with_name(f".{path.stem}.tmp.mp4")
-        encode_video(np.stack(frames), tmp, fps=20)
-        os.replace(tmp, path)
+        with atomic_file(path, keep_suffix=True) as tmp:
+            encode_video(np.stack(frames), tmp, fps=20)
         result["video"] = f"videos/{name}"
     return result
 
@@ -633,9 +630,7 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
         raise ValueError("the folders were made by different policies or configs; not merging")
     out.mkdir(parents=True, exist_ok=True)
     episodes = sorted(seen.values(), key=lambda e: (e["suite"], e["task_id"], e["trial"]))
-    tmp = out / f".episodes.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in episodes))
-    os.replace(tmp, out / "episodes.jsonl")
+    write_text(out / "episodes.jsonl", "".join(json.dumps(e) + "\n" for e in episodes))
     meta = dict(metas[0])
     meta["merged_from"] = [str(d) for d in dirs]
     write_json(out / "run.json", meta)

@@ -71,9 +71,19 @@ def load_rdt(path: str | Path):
     return load_released(path)
 
 
-def detect(path: str | Path) -> str:
-    """The family whose layout `path` is; UnknownLayoutError (files found, what each expects)."""
+def policy_folder(path: str | Path) -> Path:
+    """A training checkpoint (`checkpoint-<step>/`: trainer_state.json + policy/) -> its
+    policy/ folder; any other folder as it is."""
     path = Path(path)
+    if (path / "trainer_state.json").is_file() and (path / "policy").is_dir():
+        return path / "policy"
+    return path
+
+
+def detect(path: str | Path) -> str:
+    """The family whose layout `path` is; UnknownLayoutError (files found, what each expects).
+    A training checkpoint is the family of its policy/ folder."""
+    path = policy_folder(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such policy folder")
     if not path.is_dir():
@@ -105,11 +115,30 @@ def detect(path: str | Path) -> str:
 def load(path: str | Path):
     """The policy in `path`, its family detected from the files (see the module docstring).
     Released families load strictly (missing == unexpected == [] or an error naming keys).
-    Returns the family's object: `VLAPolicy` (composed), `Pi0Policy` (pi0), `RDTRunner` (rdt);
-    where a family's loader returns (model, extras), the model."""
+    Returns the family's policy (what `vlatune eval` runs, with its processor); for a released
+    folder vlatune did not save (no processor.json), the family's bare model (`Pi0Policy`,
+    `RDTRunner`, `GrootModel`): inspectable and a starting point for `vlatune train`, not
+    evaluable. Where a loader returns (model, extras), the model."""
     family = registry.get(detect(path))
-    obj = registry.piece(family, "load")(path)
+    folder = policy_folder(path)
+    from vlatune.policies.processor import PROCESSOR_FILE
+
+    if family.released is not None and not (folder / PROCESSOR_FILE).is_file():
+        obj = registry.resolve(family.released)(folder)  # a released folder: the bare model
+    else:
+        obj = registry.piece(family, "load")(folder)
     return obj[0] if isinstance(obj, tuple) else obj
+
+
+def not_evaluable_reason(path: str | Path) -> str:
+    """Why the policy in `path` cannot act in an env: a released folder vlatune did not save."""
+    name = detect(path)
+    return (
+        f"{path}: a released {name} folder without vlatune's processor.json: the model loads, "
+        "but it carries no statistics of your data to prepare observations and undo the action "
+        f"normalisation; fine-tune it first (`vlatune train RECIPE policy.type={name} "
+        f"policy.pretrained={path}`) and evaluate the checkpoint"
+    )
 
 
 # ---------------------------------------------------------------- inspect
@@ -125,24 +154,12 @@ def _parameters(module) -> tuple[int, int, list[str]]:
 
 
 def _composed_details(policy, path: Path) -> dict[str, Any]:
-    spec, cfg = policy.spec, policy.cfg
-    chain = [
-        f"images: cameras {spec['cameras']}, centre crop keeping {spec['crop_area']:.2f} of the "
-        f"area, resized to {spec['image_size']} px (vlatune.data.transforms.ImageTransform)",
-        f"state: normalised ({policy.state_norm.mode})"
-        if policy.state_norm is not None and cfg.use_proprio
-        else "state: not used",
-        f"actions: normalised ({policy.action_norm.mode}), gripper dim "
-        f"{spec.get('gripper_dim')} kept binary; chunk of {spec['horizon']}",
-    ]
-    if cfg.head == "tokens":
-        chain.append(f"action tokens: {cfg.action_tokenizer} tokenizer")
+    cfg = policy.cfg
     folder = Path(policy.source) if policy.source else path
     return {
         "architecture": f"backbone {cfg.backbone}, head {cfg.head}"
         + (", LoRA" if cfg.lora else ""),
         "conventions": policy.conventions,
-        "processor": chain,
         "normalization": f"{folder / 'normalization.json'}: fitted on the training episodes of "
         "the run (its stats.json)",
     }
@@ -176,7 +193,6 @@ def _rdt_details(model, path: Path) -> dict[str, Any]:
         "architecture": f"hidden {c.hidden_size}, depth {c.rdt.depth}, {c.rdt.num_heads} heads, "
         f"action_dim {c.action_dim}, horizon {c.pred_horizon}",
         "conventions": "the 128-d unified state / action space (vlatune.policies.rdt.unified)",
-        "processor": ["none in vlatune yet: model-level batches (SigLIP and T5 features)"],
         "normalization": "none in the released layout",
     }
 
@@ -200,10 +216,24 @@ def inspect(path: str | Path) -> dict[str, Any]:
         "dtype": ", ".join(dtypes) or "none",
     }
     details = DETAILS.get(name)
-    if details is None:
-        out["processor"] = ["not described for this family yet"]
-    else:
+    if details is not None:
         out.update(details(obj, path))
+    proc = getattr(obj, "processor", None)
+    if proc is not None:  # the chain the policy runs (vlatune.policies.processor)
+        from vlatune.policies.processor import PROCESSOR_FILE
+
+        out["processor"] = proc.describe()
+        out["conventions"] = proc.conventions
+        saved = policy_folder(path) / PROCESSOR_FILE
+        if name != "composed":
+            out["normalization"] = (
+                f"{saved}: the statistics the policy was fine-tuned with (the run's stats.json)"
+                if saved.is_file()
+                else "the released folder's own statistics files (no processor.json: not "
+                "fine-tuned by vlatune)"
+            )
+    elif "processor" not in out:
+        out["processor"] = ["none: this object has no processor (model-level batches only)"]
     return out
 
 

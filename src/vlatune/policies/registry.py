@@ -32,6 +32,9 @@ class Family:
     build: str | None = None  # (cfg, stats, chunks) -> policy, for `vlatune train`
     load: str | None = None  # (path) -> the family's object
     detect: str | None = None  # (path) -> bool: is this folder the family's layout?
+    # (path) -> the bare model of a released folder vlatune did not save (no processor.json:
+    # no dataset statistics, so it can be inspected and fine-tuned, not evaluated)
+    released: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -56,7 +59,9 @@ FAMILIES: dict[str, Family] = {
             "vlatune.policies.pi0",
             "LeRobot's layout: config.json with type 'pi0' or 'pi05', and model.safetensors",
             config="vlatune.config.schema:Pi0FamilyConfig",
-            load="vlatune.policies.io:load_pi0",
+            build="vlatune.policies.pi0.family:build_policy",
+            load="vlatune.policies.pi0.family:load_policy",
+            released="vlatune.policies.io:load_pi0",
             detect="vlatune.policies.pi0.convert:is_released_folder",
         ),
         Family(
@@ -66,7 +71,9 @@ FAMILIES: dict[str, Family] = {
             "config.json with RDTRunner's init arguments (action_dim, pred_horizon, rdt, "
             "noise_scheduler, ...) and model.safetensors or pytorch_model.bin",
             config="vlatune.config.schema:RDTFamilyConfig",
-            load="vlatune.policies.io:load_rdt",
+            build="vlatune.policies.rdt.family:build_policy",
+            load="vlatune.policies.rdt.family:load_policy",
+            released="vlatune.policies.io:load_rdt",
             detect="vlatune.policies.io:is_rdt_folder",
         ),
         Family(
@@ -76,7 +83,9 @@ FAMILIES: dict[str, Family] = {
             "the HF remote-code folder: config.json (auto_map), model.safetensors, "
             "dataset_statistics.json (+ OFT's action_head--*_checkpoint.pt and "
             "proprio_projector--*_checkpoint.pt)",
-            load="vlatune.policies.openvla.convert:load_released",
+            config="vlatune.config.schema:OpenVLAFamilyConfig",
+            build="vlatune.policies.openvla.family:build_policy",
+            load="vlatune.policies.openvla.family:load_policy",
             detect="vlatune.policies.openvla.convert:is_released_folder",
         ),
         Family(
@@ -85,8 +94,23 @@ FAMILIES: dict[str, Family] = {
             "vlatune.policies.groot",
             "NVIDIA's layout: config.json, model.safetensors (backbone.* / action_head.* keys) "
             "and eagle_config.json",
-            load="vlatune.policies.groot.convert:load_released",
+            config="vlatune.config.schema:GrootFamilyConfig",
+            build="vlatune.policies.groot.family:build_policy",
+            load="vlatune.policies.groot.family:load_policy",
+            released="vlatune.policies.groot.convert:load_released",
             detect="vlatune.policies.groot.convert:is_released_folder",
+        ),
+        Family(
+            "nora",
+            "NORA / NORA-Long (Qwen2.5-VL-3B + FAST+ action tokens at 151665 + k)",
+            "vlatune.policies.nora",
+            "a Hugging Face Qwen2.5-VL folder (config.json with model_type 'qwen2_5_vl', weights, "
+            "a tokenizer with <robot_action_k> at consecutive ids) and norm_stats.json "
+            "(+ fast_tokenizer/ once saved by vlatune)",
+            config="vlatune.config.schema:NoraFamilyConfig",
+            build="vlatune.policies.nora.family:build_policy",
+            load="vlatune.policies.nora.family:load_policy",
+            detect="vlatune.policies.nora.convert:is_released_folder",
         ),
     )
 }

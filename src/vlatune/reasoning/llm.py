@@ -156,9 +156,9 @@ class LLMAnnotator:
     def _store(self, prompt: str, reply: str) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         f = self.cache_dir / f"{self._key(prompt)[:32]}.json"
-        tmp = f.with_name(f".{f.name}.tmp")
-        tmp.write_text(json.dumps({"model": self.model, "prompt": prompt, "reply": reply}))
-        tmp.replace(f)
+        from vlatune.fsutil import write_text
+
+        write_text(f, json.dumps({"model": self.model, "prompt": prompt, "reply": reply}))
 
     def annotate_episode(
         self, instruction: str, states: np.ndarray, actions: np.ndarray

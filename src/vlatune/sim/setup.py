@@ -93,9 +93,9 @@ def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and path.read_text() == text:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from vlatune.fsutil import write_text
+
+    write_text(path, text)
 
 
 def prepare_libero() -> dict[str, Any]:

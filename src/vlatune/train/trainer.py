@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -237,11 +238,9 @@ class Trainer:
         from vlatune.data.training import normalizers_from_stats
 
         policy = resumed_policy
-        a_norm, s_norm = (  # a resumed policy keeps the normalisers it was trained with
-            (policy.action_norm, policy.state_norm)
-            if hasattr(policy, "action_norm")
-            else normalizers_from_stats(d, stats)
-        )
+        # the datasets' default chain (its normalised chunks fit a composed FAST tokenizer); the
+        # policy's own processor replaces it below, so a resumed policy keeps its statistics
+        a_norm, s_norm = normalizers_from_stats(d, stats)
         annotations = None
         if d.annotations:
             from vlatune.data.annotations import load_annotations
@@ -263,12 +262,57 @@ class Trainer:
                 policy = registry.build(self.cfg, stats, chunks=train_ds.action_chunks)
             except NotImplementedError as e:
                 raise TrainError(str(e)) from None
+        processor = getattr(policy, "processor", None)
+        if processor is None:
+            raise TrainError(
+                f"policy.type '{self.cfg.policy.type}': {type(policy).__name__} has no "
+                "`processor` (vlatune.policies.processor): the loader cannot prepare its inputs"
+            )
+        # the policy's own chain from here on, in the loader workers (training mode for the
+        # training split): the same object `predict` runs at evaluation
+        for ds in (train_ds, val_ds):
+            if ds is not None:
+                ds.use_processor(processor)
         prepare = getattr(policy, "prepare", None)  # optional hook of the policy interface
         if prepare is not None:
             line = prepare([train_ds, val_ds])
             if line and self.is_main:
                 log.info("%s", line)
         return policy, train_ds, val_ds, split
+
+    def _clip_gradients(self, acc, model, optimizer):
+        """`optim.max_grad_norm` over the parameters; a parameter group with its own
+        `max_grad_norm` (the energy model: its own optimiser in the seed) is clipped on its own
+        and left out of the global norm. Returns the global norm before clipping (or None)."""
+        own = [g for g in optimizer.param_groups if g.get("max_grad_norm")]
+        for g in own:
+            acc.clip_grad_norm_(g["params"], g["max_grad_norm"])
+        limit = self.cfg.optim.max_grad_norm
+        if not limit:
+            return None
+        if not own:
+            return acc.clip_grad_norm_(model.parameters(), limit)
+        mine = {id(p) for g in own for p in g["params"]}
+        rest = [p for p in model.parameters() if id(p) not in mine]
+        return acc.clip_grad_norm_(rest, limit)
+
+    def _steps_from_epochs(self, frames: int) -> None:
+        """`train.max_epochs` -> `train.max_steps` (the seed recipes count epochs); a
+        `train.max_steps` given as well and smaller wins (a short test run of a recipe)."""
+        t = self.cfg.train
+        if t.max_epochs is None:
+            return
+        world = self.accelerator.num_processes
+        global_batch = self.cfg.data.batch_size * world * t.grad_accum_steps
+        steps = max(1, math.ceil(t.max_epochs * frames / global_batch))
+        if "max_steps" in t.model_fields_set and t.max_steps < steps:
+            how = f"train.max_steps={t.max_steps} (smaller than {t.max_epochs:g} epochs = {steps})"
+            steps = t.max_steps
+        else:
+            how = f"train.max_epochs={t.max_epochs:g} x {frames} frames / batch {global_batch}"
+        t.max_steps = steps
+        if self.is_main:
+            log.info("training for %d steps: %s", steps, how)
 
     def _optimizer(self, policy):
         o = self.cfg.optim
@@ -414,6 +458,7 @@ class Trainer:
             policy = registry.piece(family, "load")(path / "policy")
             policy.train()
         policy, train_ds, val_ds, split = self._data(policy)
+        self._steps_from_epochs(len(train_ds))
         self.ema = None
         if t.ema_decay > 0:
             if acc.distributed_type.name in ("FSDP", "DEEPSPEED"):
@@ -493,10 +538,8 @@ class Trainer:
                 loss, metrics = model(batch)
                 self._check_finite_loss(loss, step + 1, batch)
                 acc.backward(loss)
-                if acc.sync_gradients and self.cfg.optim.max_grad_norm:
-                    grad_norm = acc.clip_grad_norm_(
-                        model.parameters(), self.cfg.optim.max_grad_norm
-                    )
+                if acc.sync_gradients:
+                    grad_norm = self._clip_gradients(acc, model, optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             micro += 1
@@ -615,17 +658,9 @@ class Trainer:
         )
 
     def _batches_to_device(self, batch):
-        dev = self.accelerator.device
-        return {
-            k: (
-                v.to(dev)
-                if torch.is_tensor(v)
-                else {c: x.to(dev) for c, x in v.items()}
-                if isinstance(v, dict)
-                else v
-            )
-            for k, v in batch.items()
-        }
+        from vlatune.policies.processor import batch_to_device
+
+        return batch_to_device(batch, self.accelerator.device)
 
     def _validate(self, model, val_ds, step: int) -> None:
         if not self.is_main:

@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from vlatune.config.schema import PolicyConfig
-from vlatune.conventions import ENV_CONVENTIONS
-from vlatune.data.transforms import ImageTransform, Normalizer
+from vlatune.data.transforms import Normalizer
 from vlatune.fsutil import atomic_dir
 from vlatune.policies.composed.energy import EnergyModel, infonce
 from vlatune.policies.composed.heads import HEADS
 from vlatune.policies.composed.tiny import TinyBackbone
+from vlatune.policies.processor import declared_conventions
 
 FORMAT = "vlatune-policy/1"
 
@@ -48,26 +48,14 @@ def input_spec(data_cfg, action_dim: int, state_dim: int | None) -> dict[str, An
         "cameras": list(data_cfg.cameras),
         "image_size": data_cfg.image_size,
         "crop_area": aug.crop_area if aug.enabled else 1.0,
+        # training-only augmentation of the processor chain (evaluation ignores these)
+        "jitter": [aug.brightness, aug.contrast, aug.saturation] if aug.enabled else [0.0] * 3,
+        "camera_dropout": data_cfg.camera_dropout,
+        "min_cameras": data_cfg.min_cameras,
         "horizon": data_cfg.action_horizon,
         "action_dim": action_dim,
         "state_dim": state_dim,
         "gripper_dim": data_cfg.gripper_dim,
-    }
-
-
-def declared_conventions(spec: dict[str, Any]) -> dict[str, Any]:
-    """Training data is converted to the env's conventions on load (vlatune.data.training):
-    upright images and the env gripper sign; an 8-d state is LIBERO's layout."""
-    return {
-        "image_orientation": ENV_CONVENTIONS["image_orientation"],
-        "gripper": ENV_CONVENTIONS["gripper"],
-        "state": ENV_CONVENTIONS["state"]
-        if spec["state_dim"] == 8
-        else f"custom_{spec['state_dim']}d",
-        "action_dim": spec["action_dim"],
-        "action_horizon": spec["horizon"],
-        "cameras": spec["cameras"],
-        "normalization_stats": True,
     }
 
 
@@ -140,7 +128,21 @@ class VLAPolicy(nn.Module):
         self.energy = (
             EnergyModel(cfg.energy.hidden, self.backbone.dim, H, A) if cfg.energy.enabled else None
         )
-        self._image = ImageTransform(spec["image_size"], crop_area=spec["crop_area"], train=False)
+        from vlatune.policies.processor import composed_processor
+
+        # the chain the training loader ran (without its augmentation): one object for both
+        self.processor = composed_processor(
+            spec["cameras"],
+            spec["image_size"],
+            action_norm,
+            state_norm,
+            crop_area=spec["crop_area"],
+            jitter=spec.get("jitter", (0.0, 0.0, 0.0)),  # absent: saved before the processor
+            camera_dropout=spec.get("camera_dropout", 0.0),
+            min_cameras=spec.get("min_cameras", 1),
+            gripper_dim=spec.get("gripper_dim"),
+            horizon=spec["horizon"],
+        )
         self.source: str | None = None
         if cfg.lora is not None:
             self._apply_lora(cfg.lora)
@@ -358,31 +360,20 @@ class VLAPolicy(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def _prepare(self, observations: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        device = next(self.parameters()).device
-        images = {}
-        for cam in self.spec["cameras"]:
-            frames = []
-            for o in observations:
-                if cam not in o["images"]:
-                    raise KeyError(
-                        f"observation lacks camera '{cam}' (has {sorted(o['images'])}); "
-                        f"the policy was trained on {self.spec['cameras']}"
-                    )
-                frames.append(self._image(np.asarray(o["images"][cam], dtype=np.uint8)))
-            images[cam] = torch.stack(frames).to(device)
-        batch: dict[str, Any] = {
-            "images": images,
-            "instruction": [str(o["instruction"]) for o in observations],
-        }
-        if self.cfg.use_proprio and self.state_norm is not None:
-            states = np.stack([np.asarray(o["state"], np.float64) for o in observations])
-            if states.shape[1] != self.spec["state_dim"]:
-                raise ValueError(
-                    f"observation state has {states.shape[1]} dims, the policy expects "
-                    f"{self.spec['state_dim']}"
-                )
-            batch["state"] = torch.from_numpy(self.state_norm(states)).to(device)
-        return batch
+        """Observations -> a model-level batch through `self.processor` (evaluation mode), the
+        same chain the training loader runs on recorded frames."""
+        from vlatune.policies.processor import batch_to_device, frame_from_observation
+
+        proc = self.processor
+        frames = [frame_from_observation(o, self.spec["cameras"]) for o in observations]
+        if self.state_norm is not None:
+            for f in frames:
+                if "state" not in f and self.cfg.use_proprio:
+                    raise ValueError("observation has no state; the policy was trained with one")
+        batch = proc.collate([proc(f) for f in frames])
+        if not self.cfg.use_proprio:
+            batch.pop("state", None)
+        return batch_to_device(batch, next(self.parameters()).device)
 
     @torch.no_grad()
     def predict_normalized(self, observations: Sequence[dict[str, Any]]) -> torch.Tensor:
@@ -409,16 +400,11 @@ class VLAPolicy(nn.Module):
         return chunk
 
     def predict(self, obs: dict[str, Any] | Sequence[dict[str, Any]]) -> np.ndarray:
+        """Env actions (H, A) for one observation ((B, H, A) for a list): the processor's
+        inverse on the normalised chunk (q99: clipped to the training range, counted)."""
         single = isinstance(obs, dict)
         observations = [obs] if single else list(obs)
-        chunk = self.predict_normalized(observations).float().cpu().numpy()
-        g = self.spec.get("gripper_dim")
-        if self.action_norm.mode == "q99":  # training targets were clipped to [-1, 1]
-            self._count_clipped(chunk, g)
-            chunk = np.clip(chunk, -1.0, 1.0)
-        actions = self.action_norm.inverse(chunk)
-        if g is not None:
-            actions[..., g] = np.where(chunk[..., g] > 0, 1.0, -1.0)
+        actions = self.processor.postprocess(self.predict_normalized(observations))
         return actions[0] if single else actions
 
     def predict_batch(self, observations: Sequence[dict[str, Any]]) -> np.ndarray:
@@ -429,27 +415,23 @@ class VLAPolicy(nn.Module):
     # the `vlatune eval` policy interface
     @property
     def conventions(self) -> dict[str, Any]:
-        return declared_conventions(self.spec)
+        return declared_conventions(
+            self.spec["cameras"],
+            self.spec["state_dim"],
+            self.spec["action_dim"],
+            self.spec["horizon"],
+        )
 
     def reset(self, ctx) -> None:  # stateless between queries
         return None
 
-    # fallbacks: queries answered otherwise than by the model's own output (`vlatune eval`
-    # records each episode's increase; see vlatune.eval.policies)
-    CLIP_TOLERANCE = 0.01  # normalised units beyond [-1, 1] before a clip counts as a fallback
-
-    def _count_clipped(self, chunk: np.ndarray, gripper_dim: int | None) -> None:
-        values = chunk if gripper_dim is None else np.delete(chunk, gripper_dim, axis=-1)
-        outside = np.abs(values) > 1.0 + self.CLIP_TOLERANCE
-        n = int(outside.reshape(len(chunk), -1).any(axis=1).sum())
-        self._clipped_queries = getattr(self, "_clipped_queries", 0) + n
-
     def fallbacks(self) -> dict[str, int]:
         """Cumulative counts of queries that took a fallback: `clipped_actions` (q99
         normalisation: an action, gripper aside, beyond the training range [-1, 1] by more than
-        CLIP_TOLERANCE, clipped) and, for a tokens head, `undecodable_tokens` (the generated
-        tokens did not decode to a chunk; the safe action was returned)."""
-        out = {"clipped_actions": getattr(self, "_clipped_queries", 0)}
+        `Normalize.CLIP_TOLERANCE`, clipped; counted by the processor) and, for a tokens head,
+        `undecodable_tokens` (the generated tokens did not decode to a chunk; the safe action
+        was returned)."""
+        out = {"clipped_actions": self.processor.fallbacks().get("clipped_actions", 0)}
         if self.cfg.head == "tokens":
             out["undecodable_tokens"] = int(self.head.decode_failures)
         return out
@@ -512,6 +494,7 @@ class VLAPolicy(nn.Module):
             if self.state_norm is not None:
                 norm["state"] = self.state_norm.to_json()
             (tmp / "normalization.json").write_text(json.dumps(norm, indent=2) + "\n")
+            self.processor.save(tmp)  # what `policy inspect` shows; loading rebuilds it
         return path
 
     @classmethod

@@ -11,20 +11,31 @@ thumbnail (as LeRobot's collate calls it):
   action_dim) (a short chunk repeats its last step) + 0/1 mask; predictions are cut back to the
   environment's D and un-normalised (min where max == min);
 - embodiment id 31 (`new_embodiment`) unless told otherwise.
-The Eagle prompt (chat template with `<IMG_CONTEXT>` image tokens) needs the Eagle tokenizer
-folder and is not built here.
+
+The processor chain (`vlatune.policies.processor`) runs these functions on one frame:
+`build_processor` gives images (crop / jitter in training) -> `groot.minmax` (state, actions) ->
+`groot.eagle` (pixels + the prompt with `<IMG_CONTEXT>` tokens, from the Eagle tokenizer
+folder) -> `groot.pack` (padding, masks, embodiment id); `model_batch` turns a collated batch
+into GR00T's model batch.
 
     >>> state, state_mask = pad_state(min_max_normalize(raw_state, stats["observation.state"]), 64)
     >>> env_actions = min_max_unnormalize(unpad_actions(pred, 7), stats["action"])
+    >>> proc = build_processor(cams, 224, cfg, "eagle2hg-processor-groot-n1p5", a_stats, s_stats,
+    ...                        horizon=10)
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from vlatune.policies.groot.configuration import DEFAULT_EMBODIMENT_ID
+from vlatune.policies.processor import Step, register
 
 EAGLE_MEAN = (0.5, 0.5, 0.5)
 EAGLE_STD = (0.5, 0.5, 0.5)
@@ -120,3 +131,314 @@ def unpad_actions(pred: Tensor, env_dim: int) -> Tensor:
 
 def embodiment_ids(batch_size: int, embodiment_id: int = DEFAULT_EMBODIMENT_ID) -> Tensor:
     return torch.full((batch_size,), int(embodiment_id), dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------ processor chain
+# The steps below run the functions above on one frame (`vlatune.policies.processor`): the
+# training loader and `predict` both call them, so the two paths give the same model inputs.
+
+IMG_CONTEXT = "<IMG_CONTEXT>"
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def _as_stats(stats: dict, key: str) -> dict[str, list[float]]:
+    if "min" not in stats or "max" not in stats:
+        raise KeyError(f"statistics of `{key}` lack `min` / `max` (GR00T normalises min-max)")
+    return {"min": [float(v) for v in stats["min"]], "max": [float(v) for v in stats["max"]]}
+
+
+@register
+class MinMax(Step):
+    """`key` ("state" / "actions", env units) -> min-max [-1, 1] float32 (GR00T's
+    `min_max_normalize`). For actions, `inverse` un-normalises predicted chunks and, with
+    `gripper_dim`, makes the gripper command its sign (-1 open / +1 close)."""
+
+    name = "groot.minmax"
+
+    def __init__(self, key: str, stats: dict, gripper_dim: int | None = None):
+        if key not in ("state", "actions"):
+            raise ValueError(f"groot.minmax: key must be 'state' or 'actions', got {key!r}")
+        self.key, self.stats, self.gripper_dim = key, _as_stats(stats, key), gripper_dim
+        self.dim = len(self.stats["min"])
+
+    def __call__(self, sample, rng):
+        x = sample.get(self.key)
+        if x is None:
+            return sample
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        if x.shape[-1] != self.dim:
+            raise ValueError(
+                f"{self.key} has {x.shape[-1]} dims, the policy's statistics have {self.dim}"
+            )
+        sample[self.key] = min_max_normalize(x, self.stats).float()
+        return sample
+
+    def inverse(self, chunk):
+        if self.key != "actions":
+            return chunk
+        out = min_max_unnormalize(torch.as_tensor(chunk, dtype=torch.float64), self.stats)
+        out = out.numpy()
+        if self.gripper_dim is not None:
+            g = self.gripper_dim
+            out[..., g] = np.where(np.asarray(chunk)[..., g] > 0, 1.0, -1.0)
+        return out
+
+    def describe(self):
+        grip = f", gripper dim {self.gripper_dim} -> sign" if self.gripper_dim is not None else ""
+        return f"min-max {self.key} to [-1, 1] ({self.dim} dims{grip}); inverse on actions"
+
+    def to_json(self, folder):
+        return {"key": self.key, "stats": self.stats, "gripper_dim": self.gripper_dim}
+
+
+@register
+class Eagle(Step):
+    """Images and instruction -> Eagle inputs: `eagle_pixel_values` (n_cameras, 3, S, S)
+    float32 (`preprocess_images`: bicubic to the model's S, (x/255 - 0.5) / 0.5) and
+    `eagle_input_ids` from the prompt: the user turn holds one `<image-k>` per camera and the
+    instruction as GR00T writes it (`str([instruction])`); each `<image-k>` becomes
+    `<image k><img>` + `<IMG_CONTEXT>` x tokens_per_image + `</img>` (Eagle 2.5's processor,
+    one tile, no thumbnail). The chat template is the tokenizer's when it has one, else ChatML
+    with the system line "You are a helpful assistant.". The ids are right-padded to the fixed
+    `max_length` (image tokens + `max_text_tokens`) with `eagle_attention_mask` (L,), so any
+    collate stacks them; the policy cuts a batch back to its longest prompt (GR00T's padding
+    to the longest), so the padding never reaches the model. A longer prompt is an error."""
+
+    name = "groot.eagle"
+
+    def __init__(
+        self,
+        cameras,
+        image_size: int,
+        tokens_per_image: int,
+        image_token_id: int,
+        tokenizer_dir: str | Path,
+        max_text_tokens: int = 96,
+    ):
+        from transformers import AutoTokenizer
+
+        self.cameras, self.image_size = list(cameras), int(image_size)
+        self.tokens_per_image, self.image_token_id = int(tokens_per_image), int(image_token_id)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.max_text_tokens = int(max_text_tokens)
+        self.max_length = self.tokens_per_image * len(self.cameras) + self.max_text_tokens
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
+        except Exception as e:  # noqa: BLE001 (transformers raises many kinds)
+            raise FileNotFoundError(
+                f"{self.tokenizer_dir}: cannot load the Eagle tokenizer ({e}); pass "
+                "policy.tokenizer = the Eagle 2.5 processor folder (tokenizer.json with "
+                f"{IMG_CONTEXT})"
+            ) from None
+        got = self.tokenizer.convert_tokens_to_ids(IMG_CONTEXT)
+        if got != self.image_token_id:
+            raise ValueError(
+                f"{self.tokenizer_dir}: {IMG_CONTEXT} has id {got}, the model's "
+                f"eagle_config.json image_token_index is {self.image_token_id}"
+            )
+        self.pad_id = int(self.tokenizer.pad_token_id or 0)
+
+    def prompt(self, instruction: str) -> str:
+        images = [{"type": "image"} for _ in self.cameras]
+        text = {"type": "text", "text": str([instruction])}
+        if getattr(self.tokenizer, "chat_template", None):
+            conv = [{"role": "user", "content": [*images, text]}]
+            rendered = self.tokenizer.apply_chat_template(
+                conv, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            marks = "".join(f"<image-{i + 1}>" for i in range(len(self.cameras)))
+            rendered = (
+                f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+                f"{marks}{text['text']}<|im_end|>\n<|im_start|>assistant\n"
+            )
+        n = len(re.findall(r"<image-(\d+)>", rendered))
+        if n != len(self.cameras):
+            raise ValueError(
+                f"{self.tokenizer_dir}: the chat template gave {n} <image-k> placeholders "
+                f"for {len(self.cameras)} cameras"
+            )
+        fill = IMG_CONTEXT * self.tokens_per_image
+        return re.sub(
+            r"<image-(\d+)>", lambda m: f"<image {m.group(1)}><img>{fill}</img>", rendered
+        )
+
+    def __call__(self, sample, rng):
+        images = sample.pop("images")
+        stack = torch.stack([torch.as_tensor(images[c]) for c in self.cameras])
+        sample["eagle_pixel_values"] = preprocess_images(stack, self.image_size)
+        text = self.prompt(str(sample.get("instruction", "")))
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor(ids, dtype=torch.long)
+        n_img = int((ids == self.image_token_id).sum())
+        if n_img != self.tokens_per_image * len(self.cameras):
+            raise ValueError(
+                f"{self.tokenizer_dir}: the prompt tokenised to {n_img} image tokens, "
+                f"expected {self.tokens_per_image} x {len(self.cameras)} cameras"
+            )
+        if len(ids) > self.max_length:
+            raise ValueError(
+                f"the GR00T prompt has {len(ids)} tokens, more than max_length {self.max_length} "
+                f"(image tokens + max_text_tokens {self.max_text_tokens}); instruction: "
+                f"{sample.get('instruction')!r}"
+            )
+        padded = torch.full((self.max_length,), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(self.max_length, dtype=torch.long)
+        padded[: len(ids)], mask[: len(ids)] = ids, 1
+        sample["eagle_input_ids"], sample["eagle_attention_mask"] = padded, mask
+        return sample
+
+    def describe(self):
+        return (
+            f"Eagle inputs: {len(self.cameras)} images bicubic to {self.image_size} px, "
+            f"(x/255 - 0.5)/0.5; prompt with {self.tokens_per_image} <IMG_CONTEXT> per image"
+        )
+
+    def to_json(self, folder):
+        folder = Path(folder)
+        out = folder / "tokenizer"
+        if out.resolve() != self.tokenizer_dir.resolve():
+            self.tokenizer.save_pretrained(str(out))
+        return {
+            "cameras": self.cameras,
+            "image_size": self.image_size,
+            "tokens_per_image": self.tokens_per_image,
+            "image_token_id": self.image_token_id,
+            "tokenizer_dir": "tokenizer",
+            "max_text_tokens": self.max_text_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, d, folder):
+        d = dict(d)
+        d["tokenizer_dir"] = Path(folder) / d["tokenizer_dir"]
+        return cls(**d)
+
+
+@register
+class Pack(Step):
+    """Normalised state / actions -> GR00T's padded tensors: `state` (1, max_state_dim) +
+    `state_mask`, `action` (action_horizon, action_dim) + `action_mask` (0/1 on the real
+    dims; steps past the episode end repeat the last action and stay in the loss, as in
+    GR00T), `embodiment_id`; keeps only the model's keys. `inverse` cuts predicted chunks
+    to the env's `env_action_dim` columns."""
+
+    name = "groot.pack"
+    KEEP = ("eagle_pixel_values", "eagle_input_ids", "eagle_attention_mask", "state", "state_mask", "action",
+            "action_mask", "embodiment_id")  # fmt: skip
+
+    def __init__(
+        self,
+        max_state_dim: int,
+        action_horizon: int,
+        action_dim: int,
+        env_action_dim: int,
+        embodiment_id: int = 31,
+    ):
+        self.max_state_dim, self.action_horizon = int(max_state_dim), int(action_horizon)
+        self.action_dim, self.env_action_dim = int(action_dim), int(env_action_dim)
+        self.embodiment_id = int(embodiment_id)
+
+    def __call__(self, sample, rng):
+        state = sample.get("state")
+        if state is None:
+            state = torch.zeros(0)
+        state, mask = pad_state(torch.as_tensor(state).float().view(1, -1), self.max_state_dim)
+        sample["state"], sample["state_mask"] = state[0], mask[0]
+        actions = sample.pop("actions", None)
+        if actions is not None:
+            act, amask = pad_actions(
+                torch.as_tensor(actions).float()[None], self.action_horizon, self.action_dim
+            )
+            sample["action"], sample["action_mask"] = act[0], amask[0]
+        sample["embodiment_id"] = torch.tensor(self.embodiment_id, dtype=torch.long)
+        return {k: v for k, v in sample.items() if k in self.KEEP}
+
+    def inverse(self, chunk):
+        return np.asarray(chunk)[..., : self.env_action_dim]
+
+    def describe(self):
+        return (
+            f"pad state to {self.max_state_dim}, actions to {self.action_horizon} x "
+            f"{self.action_dim} (+ masks), embodiment {self.embodiment_id}; predicted "
+            f"chunks cut to {self.env_action_dim} dims"
+        )
+
+    def to_json(self, folder):
+        return {
+            "max_state_dim": self.max_state_dim,
+            "action_horizon": self.action_horizon,
+            "action_dim": self.action_dim,
+            "env_action_dim": self.env_action_dim,
+            "embodiment_id": self.embodiment_id,
+        }
+
+
+def model_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A collated batch (vlatune's default collate stacks the samples) -> GR00T's model batch:
+    `eagle_pixel_values` (B, n_cameras, 3, S, S) -> (B * n_cameras, 3, S, S) in sample order
+    (the order the backbone fills the image tokens), the prompts cut to the longest one (the
+    columns no sample attends to removed: GR00T's right padding to the longest)."""
+    out = dict(batch)
+    pix = out["eagle_pixel_values"]
+    if pix.ndim == 5:
+        out["eagle_pixel_values"] = pix.reshape(-1, *pix.shape[2:])
+    mask = out["eagle_attention_mask"]
+    used = mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else mask.shape[1]
+    out["eagle_input_ids"] = out["eagle_input_ids"][:, :length]
+    out["eagle_attention_mask"] = mask[:, :length]
+    return out
+
+
+def build_processor(
+    cameras,
+    image_size: int,
+    model_cfg,
+    tokenizer_dir,
+    action_stats: dict,
+    state_stats: dict | None,
+    *,
+    horizon: int,
+    crop_area: float = 1.0,
+    jitter=(0.0, 0.0, 0.0),
+    camera_dropout: float = 0.0,
+    min_cameras: int = 1,
+    gripper_dim: int | None = -1,
+    embodiment_id: int = DEFAULT_EMBODIMENT_ID,
+):
+    """The GR00T chain: images (crop / jitter in training) -> min-max state and actions ->
+    Eagle pixels + prompt -> padding, masks and embodiment id."""
+    from vlatune.policies.processor import Images, Processor, declared_conventions
+
+    h = model_cfg.head
+    env_dim = len(action_stats["min"])
+    if gripper_dim is not None and gripper_dim < 0:
+        gripper_dim += env_dim
+    if embodiment_id >= h.max_num_embodiments:
+        raise ValueError(
+            f"policy.embodiment_id {embodiment_id}: the model has {h.max_num_embodiments} rows"
+        )
+    steps = [Images(cameras, image_size, crop_area, jitter, camera_dropout, min_cameras)]
+    if state_stats is not None:
+        steps.append(MinMax("state", state_stats))
+    steps.append(MinMax("actions", action_stats, gripper_dim))
+    eagle = Eagle(
+        cameras, model_cfg.image_size, model_cfg.tokens_per_image,
+        model_cfg.eagle.image_token_index, tokenizer_dir,
+    )  # fmt: skip
+    steps.append(eagle)
+    steps.append(Pack(h.max_state_dim, horizon, h.action_dim, env_dim, embodiment_id))
+    state_dim = len(state_stats["min"]) if state_stats is not None else None
+    conventions = declared_conventions(cameras, state_dim, env_dim, horizon)
+    return Processor(steps, conventions)
+
+
+def load_processor(folder):
+    """`processor.json` of a saved GR00T policy."""
+    from vlatune.policies.processor import Processor
+
+    proc = Processor.load(folder)
+    if not any(isinstance(s, Eagle) for s in proc.steps):
+        raise ValueError(f"{folder}/processor.json: no groot.eagle step (not a GR00T processor)")
+    return proc
