@@ -218,3 +218,26 @@ def test_composed_policy_chain_carries_the_recipes_augmentation(tmp_path):
     policy.save(tmp_path / "p")
     again = type(policy).from_pretrained(tmp_path / "p")
     assert chain(again.processor) == chain(ds.processor)  # resume keeps the augmentation
+
+
+def test_demo_margin_reads_losses_at_a_checkpoint_and_the_demo_takes_a_recording_seed(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from vlatune.cli import cli
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_margin.py"
+    spec = importlib.util.spec_from_file_location("demo_margin", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"step": s, "loss": 1.0 / s} for s in (100, 200, 300, 400)]
+    rows.append({"step": 400, "val_loss": 0.25, "val_batches": 3})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, val = bench.losses_at(metrics, 400, window=200)
+    assert train == pytest.approx((1 / 300 + 1 / 400) / 2) and val == 0.25
+    assert bench.losses_at(metrics, 300, window=100) == (pytest.approx(1 / 300), None)
+    out = CliRunner().invoke(cli, ["demo", "--help"]).output
+    assert "--seed" in out and "Recording seed" in out
