@@ -71,6 +71,28 @@ def test_gripper_unknown_convention():
         C.gripper_to_env(np.zeros(2), "open_is_up")
 
 
+def test_model_gripper_rules_per_family():
+    # OpenVLA / OFT: OFT's normalize_gripper_action(binarize) + invert_gripper_action, written out
+    g = np.array([0.0, 0.2, 0.5, 0.51, 1.0, 1.3])
+    np.testing.assert_array_equal(C.model_gripper_to_env(g, "openvla"), [1, 1, 0, -1, -1, -1])
+    e = np.array([-1.0, 1.0, 0.0, 0.5])
+    np.testing.assert_array_equal(C.model_gripper_from_env(e, "openvla"), [1, 0, 0.5, 0.25])
+    # on the env's +-1 and the model's 0 / 1 it agrees with its convention's threshold rule
+    conv = C.MODEL_GRIPPER["openvla"]
+    np.testing.assert_array_equal(
+        C.model_gripper_to_env(np.array([0.0, 1.0]), "openvla"),
+        C.gripper_to_env(np.array([0.0, 1.0]), conv),
+    )
+    np.testing.assert_array_equal(
+        C.model_gripper_from_env(np.array([-1.0, 1.0]), "openvla"),
+        C.gripper_from_env(np.array([-1.0, 1.0]), conv),
+    )
+    # a family without its own rule uses its convention's (NORA: threshold at 0.5)
+    np.testing.assert_array_equal(C.model_gripper_to_env(np.array([0.5, 0.6]), "nora"), [1, -1])
+    with pytest.raises(ValueError, match="MODEL_GRIPPER has no entry 'nobody'"):
+        C.model_gripper_to_env(np.zeros(1), "nobody")
+
+
 def test_suites_and_aliases():
     assert {s: C.SUITES[s].max_steps for s in C.SUITES} == {
         "libero_spatial": 220,

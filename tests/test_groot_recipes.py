@@ -223,7 +223,8 @@ def test_training_and_evaluation_paths_give_identical_inputs(tiny_groot, dataset
     back = policy.processor.postprocess(train_batch["action"])
     np.testing.assert_allclose(back[0, :, :6], frame["actions"][:, :6], atol=1e-5)
     assert set(np.unique(back[0, :, 6])) <= {-1.0, 1.0}
-    # two prompts of different lengths: the model batch is cut to the longest (right padding)
+    # two prompts of different lengths: left-padded as GR00T pads a batch (both end at the
+    # last column), the model batch cut to the longest
     two = policy.observation_batch([obs, dict(obs, instruction="open")])
     from vlatune.policies.groot.processor import model_batch
 
@@ -231,6 +232,15 @@ def test_training_and_evaluation_paths_give_identical_inputs(tiny_groot, dataset
     assert m["eagle_pixel_values"].shape == (4, 3, 28, 28)
     lengths = two["eagle_attention_mask"].sum(1)
     assert m["eagle_input_ids"].shape[1] == int(lengths.max()) and lengths[0] != lengths[1]
+    mask = m["eagle_attention_mask"]
+    assert mask[:, -1].all()
+    short = int(lengths.argmin())
+    pad = mask.shape[1] - int(lengths[short])
+    assert not mask[short, :pad].any() and mask[short, pad:].all()
+    alone = policy.observation_batch([two_obs := dict(obs, instruction="open")])
+    n = int(alone["eagle_attention_mask"].sum())
+    assert torch.equal(m["eagle_input_ids"][short, pad:], alone["eagle_input_ids"][0, -n:])
+    assert two_obs["instruction"] == "open"
 
 
 _STATS: dict = {}
@@ -312,3 +322,117 @@ def test_trained_tiny_groot_runs_one_libero_episode(tiny_groot, dataset, tmp_pat
     run = tmp_path / "run"
     train(_cfg("libero_full.yaml", *_overrides(tiny_groot, dataset, run)), progress=False)
     one_libero_episode(run / "checkpoint-2", tmp_path / "eval", max_steps=12, replan=10)
+
+
+def _obs(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "images": {
+            c: rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for c in ("agentview", "wrist")
+        },
+        "state": rng.normal(size=8),
+        "instruction": "pick up the bowl",
+    }
+
+
+def test_lora_save_is_nvidia_layout_with_merged_weights_and_resumes_exactly(
+    tiny_groot, dataset, tmp_path
+):
+    """model.safetensors of a LoRA policy is the released layout with the adapters merged (read
+    by the reference's strict loader: same chunk as the LoRA policy); vlatune's load gives the
+    same adapters and the same unmerged base weights, bit for bit."""
+    from safetensors import safe_open
+
+    from vlatune.policies import load
+    from vlatune.policies.groot.convert import load_released, read_released
+    from vlatune.policies.groot.family import LORA_FILE, build_policy
+    from vlatune.policies.groot.processor import model_batch
+
+    cfg = _cfg("libero_lora.yaml", *_overrides(tiny_groot, dataset, tmp_path / "r"))
+    policy = build_policy(cfg, _stats(dataset)).eval()
+    with torch.no_grad():  # "trained" adapters: both factors moved
+        for name, p in policy.named_parameters():
+            if name.startswith("lora."):
+                p.add_(torch.randn_like(p) * 0.05)
+    out = tmp_path / "saved"
+    policy.save(out)
+    # (a) the folder as NVIDIA's: the keys of the released file exactly, strict load
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved_keys = set(f.keys())
+    assert saved_keys == set(read_released(tiny_groot))
+    (out / "processor.json").unlink()  # NVIDIA's loader knows nothing of vlatune's files
+    released, report = load_released(out)  # raises on any missing / unexpected key
+    assert report.tensors == len(saved_keys)
+    released.eval()
+    batch = policy.observation_batch([_obs()])
+    noise = torch.randn(1, 10, 32, generator=torch.Generator().manual_seed(1))
+    draw = lambda kind, shape, device, dtype: noise.clone()  # noqa: E731
+    policy.model.draw = released.draw = draw
+    with torch.no_grad():
+        want = policy.predict_chunk(batch)
+        got = released.sample_actions(
+            model_batch(batch), steps=policy.settings["num_inference_steps"]
+        )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    plain = build_policy(cfg, _stats(dataset)).eval()  # the base without adapters differs
+    plain.model.draw = draw
+    assert not torch.allclose(plain.predict_chunk(batch), want, atol=1e-3)
+    # (b) vlatune's load: the adapters and the unmerged base weights, bit for bit
+    policy.processor.save(out)  # put processor.json back
+    again = load(out)
+    lora = again.lora_state_dict()
+    assert set(lora) == set(policy.lora_state_dict()) and any(k.endswith(".base") for k in lora)
+    with safe_open(str(out / LORA_FILE), "pt") as f:
+        assert set(f.keys()) == set(lora)
+    for key, value in policy.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    mine = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert {n for n, p in again.named_parameters() if p.requires_grad} == mine
+    again.eval().model.draw = draw
+    assert torch.equal(again.predict_chunk(batch), want)
+
+
+def test_out_of_range_predictions_are_counted(tiny_groot, dataset):
+    from vlatune.policies.groot.family import build_policy
+
+    cfg = _cfg("libero_full.yaml", *_overrides(tiny_groot, dataset, "unused"))
+    policy = build_policy(cfg, _stats(dataset))
+    chunk = np.zeros((2, 10, 32), dtype=np.float32)
+    chunk[:, :, 6] = 3.0  # the gripper dimension: its sign, never counted
+    policy.processor.postprocess(chunk)
+    assert policy.fallbacks() == {"out_of_range_actions": 0}
+    chunk[1, 4, 2] = 1.2  # one query of two leaves the training range
+    chunk[1, 5, 30] = 9.0  # a padded column: cut before un-normalising
+    out = policy.processor.postprocess(chunk)
+    assert policy.fallbacks() == {"out_of_range_actions": 1}
+    lo, hi = (np.array(_stats(dataset)["action"][k]) for k in ("min", "max"))
+    assert out[1, 4, 2] > hi[2]  # counted, not clipped (as NVIDIA's and LeRobot's inverse)
+    policy.processor.postprocess(np.full((10, 32), -1.5, dtype=np.float32))
+    assert policy.fallbacks() == {"out_of_range_actions": 2}
+
+
+def test_prompt_is_the_eagle_processor_template(tiny_groot, dataset):
+    """The text of one LIBERO frame, written out from NVIDIA's template: Isaac-GR00T N1.5
+    `gr00t/model/backbone/eagle2_hg_model/chat_template.json` (system line added before a first
+    user turn, one `<image-k>` per image, then the text) as lerobot 0.5.1's
+    `GrootEagleEncodeStep` calls it (text `str([task])`, add_generation_prompt=True), with
+    `processing_eagle2_5_vl.py` `replace_media_placeholder` expanding `<image-k>`."""
+    from vlatune.policies.groot.family import build_policy
+    from vlatune.policies.groot.processor import Eagle
+
+    cfg = _cfg("libero_full.yaml", *_overrides(tiny_groot, dataset, "unused"))
+    eagle = next(
+        s for s in build_policy(cfg, _stats(dataset)).processor.steps if isinstance(s, Eagle)
+    )
+    assert eagle.tokens_per_image == 1  # the fixture: one 28 px image -> 1 token
+    want = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n"
+        "<image 1><img><IMG_CONTEXT></img><image 2><img><IMG_CONTEXT></img>"
+        "['Pick up the alphabet soup and place it in the basket']<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert eagle.prompt("Pick up the alphabet soup and place it in the basket") == want
+    # the tokenizer's own chat template (Qwen3's in the real folder) is not GR00T's: ignored
+    eagle.tokenizer.chat_template = "{{ 'not the eagle template' }}"
+    assert eagle.prompt("Pick up the alphabet soup and place it in the basket") == want

@@ -147,9 +147,7 @@ def test_dropped_camera_leaves_the_prompt(qwen):
     policy = make(qwen, "l1")
     batch = fixed_batch(2)
     batch["image_mask"] = torch.tensor([[True, True], [True, False]])
-    inputs = policy.backbone.build_inputs(
-        batch["images"], batch["image_mask"], batch["instruction"], 1, 0
-    )
+    inputs = policy.with_vlm(batch)["vlm"]
     pad = policy.backbone.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     per_row = (inputs["input_ids"] == pad).sum(1).tolist()
     assert per_row[0] == 2 * per_row[1] > 0

@@ -20,8 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_fixtures import make_libero_hdf5
-from family_fixtures import one_libero_episode, read_metrics
+from family_fixtures import (
+    data_stats,
+    one_libero_episode,
+    random_observation,
+    read_metrics,
+    tiny_libero_data,
+    tiny_run_config,
+    train_config,
+)
 from hf_fixtures import tiny_qwen2_5_vl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,45 +73,22 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     tok.save_pretrained(nora)
     (nora / "norm_stats.json").write_text(json.dumps(NORM_STATS))
     _fast(nora / "fast_tokenizer")
-    return {"nora": nora, "data": make_libero_hdf5(root / "data", demos=2, T=10, res=32)}
+    return {"nora": nora, "data": tiny_libero_data(root)}
 
 
 def _cfg(recipe: str, folders: dict, out: Path, *extra: str):
-    from vlatune.config import load_config
-
-    return load_config(
-        RECIPES / f"{recipe}.yaml",
-        [
-            f"data.path={folders['data']}",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "data.val_fraction=0",
-            f"policy.pretrained={folders['nora']}",
-            "policy.dtype=float32",
-            "policy.lora.r=4",
-            "train.mixed_precision=no",
-            "optim.warmup_steps=0",
-            "train.max_steps=2",
-            "train.save_every=2",
-            "train.log_every=1",
-            "train.val_every=null",
-            f"train.output_dir={out}",
-            *extra,
-        ],
+    small = ("policy.lora.r=4", "optim.warmup_steps=0")
+    return tiny_run_config(
+        RECIPES / f"{recipe}.yaml", folders["data"], folders["nora"], out, *small, *extra
     )
 
 
 def _train(recipe, folders, out, *extra):
-    from vlatune.train.trainer import train
-
-    return train(_cfg(recipe, folders, out, *extra), progress=False)
+    return train_config(_cfg(recipe, folders, out, *extra))
 
 
 def _stats(folders) -> dict:
-    from vlatune.data import open_dataset
-    from vlatune.data.stats import dataset_stats
-
-    return dataset_stats(open_dataset(folders["data"]))
+    return data_stats(folders["data"])
 
 
 # -- recipes -----------------------------------------------------------------------------------
@@ -226,12 +210,7 @@ def test_save_load_predicts_the_same_and_resume_continues(folders, tmp_path):
     policy.eval().save(tmp_path / "checkpoint-4" / "policy")
     back = load_any(tmp_path / "checkpoint-4" / "policy")
     assert type(back).__name__ == "NoraFamilyPolicy" and back.lora is not None
-    rng = np.random.default_rng(1)
-    obs = {
-        "images": {"agentview": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)},
-        "state": rng.normal(size=8),
-        "instruction": "pick up the alphabet soup and place it in the basket",
-    }
+    obs = random_observation(("agentview",), seed=1)
     batch = policy.observation_batch([obs])
     with torch.no_grad():
         la = policy.model(**policy._model_inputs(batch, False)).logits

@@ -20,8 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.data_fixtures import make_libero_hdf5
-from tests.family_fixtures import one_libero_episode, read_metrics
+from family_fixtures import (
+    data_stats,
+    one_libero_episode,
+    random_observation,
+    read_metrics,
+    tiny_libero_data,
+    tiny_run_config,
+    train_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REF_ROOT = Path(os.environ.get("VLATUNE_REFERENCE_DIR") or REPO.parent / "shared" / "reference")
@@ -89,40 +96,20 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     return {
         "oft": tiny_folder("openvla_oft", root / "oft"),
         "openvla": tiny_folder("openvla", root / "openvla"),
-        "data": make_libero_hdf5(root / "data", demos=2, T=10, res=32),
+        "data": tiny_libero_data(root),
     }
 
 
 def _cfg(recipe: str, folders: dict, out: Path, *extra: str):
-    from vlatune.config import load_config
-
     pretrained = folders["openvla" if recipe == "openvla_libero" else "oft"]
-    return load_config(
-        RECIPES / f"{recipe}.yaml",
-        [
-            f"data.path={folders['data']}",
-            "data.batch_size=2",
-            "data.num_workers=0",
-            "data.val_fraction=0",
-            f"policy.pretrained={pretrained}",
-            "policy.dtype=float32",
-            "policy.energy.hidden=16",
-            "policy.diffusion_steps_inference=4",
-            "train.mixed_precision=no",
-            "train.max_steps=2",
-            "train.save_every=2",
-            "train.log_every=1",
-            "train.val_every=null",
-            f"train.output_dir={out}",
-            *extra,
-        ],
+    small = ("policy.energy.hidden=16", "policy.diffusion_steps_inference=4")
+    return tiny_run_config(
+        RECIPES / f"{recipe}.yaml", folders["data"], pretrained, out, *small, *extra
     )
 
 
 def _train(recipe, folders, out, *extra):
-    from vlatune.train.trainer import train
-
-    return train(_cfg(recipe, folders, out, *extra), progress=False)
+    return train_config(_cfg(recipe, folders, out, *extra))
 
 
 # -- recipes -----------------------------------------------------------------------------------
@@ -215,13 +202,11 @@ def _stats() -> dict:
 # -- the processor: training path == evaluation path -----------------------------------------
 @pytest.mark.parametrize("recipe", ["oft_libero", "openvla_libero"])
 def test_training_and_evaluation_inputs_are_identical(recipe, folders):
-    from vlatune.data import open_dataset
-    from vlatune.data.stats import dataset_stats
     from vlatune.data.training import FrameDataset, collate
     from vlatune.policies import registry
 
     cfg = _cfg(recipe, folders, Path("/unused"))
-    stats = dataset_stats(open_dataset(folders["data"]))
+    stats = data_stats(folders["data"])
     ds = FrameDataset.from_config(folders["data"], cfg.data, stats, train=False)
     policy = registry.build(cfg, stats)
     ds.use_processor(policy.processor)
@@ -261,16 +246,77 @@ def test_gripper_and_bounds_steps_follow_oft():
     assert np.allclose(back, [[[0.5, 0.7]]])
 
 
+def test_gripper_step_numbers_written_out():
+    """The step's gripper values through vlatune.conventions (OFT's rule), written out: the
+    training side (1 - e) / 2, the evaluation side -sign(2 g - 1) (0 at exactly 0.5)."""
+    from vlatune.policies.openvla.processor import Gripper
+
+    g = Gripper(-1)
+    env = [-1.0, 1.0, 0.0, -0.5, 0.5, 0.25]
+    a = np.zeros((len(env), 7))
+    a[:, -1] = env
+    a[:, 0] = 0.3
+    s = g({"actions": a}, None)["actions"]
+    assert s[:, -1].tolist() == [1.0, 0.0, 0.5, 0.75, 0.25, 0.375]
+    assert s[:, :6].tolist() == a[:, :6].tolist()  # only the gripper dimension changes
+    model = [0.0, 0.2, 0.49, 0.5, 0.51, 0.9, 1.0, 1.3, -0.2]
+    chunk = np.zeros((1, len(model), 7))
+    chunk[0, :, -1] = model
+    out = g.inverse(chunk)[0, :, -1]
+    assert out.tolist() == [1.0, 1.0, 1.0, 0.0, -1.0, -1.0, -1.0, -1.0, 1.0]
+
+
+def test_unnormalise_counts_out_of_range_queries():
+    """OFT's un-normalisation does not clip; a query whose chunk leaves [-1, 1] by more than
+    `normalize`'s tolerance on a normalised dimension is counted once, and the policy's
+    processor sums it into `fallbacks()`."""
+    from vlatune.policies.openvla.processor import BoundsNormalize, build_processor
+    from vlatune.policies.processor import Normalize
+
+    tol = Normalize.CLIP_TOLERANCE
+    n = BoundsNormalize("actions", "actions", [-1.0, 0.0, 0.0], [1.0, 2.0, 1.0], [1, 1, 0])
+    assert n.counters() == {"out_of_range_actions": 0}
+    inside = np.zeros((2, 4, 3))
+    inside[0, :, 0] = 1.0 + tol / 2  # within the tolerance
+    inside[1, :, 2] = 5.0  # the unmasked (gripper) dimension is not normalised: not counted
+    n.inverse(inside)
+    assert n.counters() == {"out_of_range_actions": 0}
+    past = np.zeros((3, 4, 3))
+    past[0, 1, 0] = 1.5  # query 0: one value past the range
+    past[0, 3, 1] = -2.0  # query 0 again: still one query
+    past[2, 0, 1] = -1.0 - 2 * tol  # query 2
+    back = n.inverse(past)
+    assert n.counters() == {"out_of_range_actions": 2}
+    assert back[0, 1, 0] == pytest.approx(1.5)  # not clipped (OFT's _unnormalize_actions)
+    assert back[0, 3, 1] == pytest.approx(-1.0)
+    n.inverse(past[2])  # one (H, A) chunk is one query
+    assert n.counters() == {"out_of_range_actions": 3}
+    state = BoundsNormalize("state", "proprio", [0.0], [1.0], [True])
+    assert state.counters() == {}
+
+    st = _stats()
+    proc = build_processor(
+        cameras=["agentview"],
+        image_size=28,
+        tokenizer=None,
+        max_tokens=8,
+        action_stats=st["action"],
+        proprio_stats=st["state"],
+        norm_type="bounds_q99",
+        variant="oft",
+        horizon=8,
+    )
+    proc.postprocess(np.zeros((1, 8, 7)))
+    assert proc.fallbacks() == {"out_of_range_actions": 0}
+    chunk = np.zeros((2, 8, 7))
+    chunk[1, 5, 2] = 1.3
+    proc.postprocess(chunk)
+    assert proc.fallbacks() == {"out_of_range_actions": 1}
+
+
 # -- save / load / resume ----------------------------------------------------------------------
 def _batch(policy, folders, seed=0):
-    rng = np.random.default_rng(seed)
-    obs = {
-        "images": {
-            c: rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for c in ("agentview", "wrist")
-        },
-        "state": rng.normal(size=8),
-        "instruction": "pick up the alphabet soup and place it in the basket",
-    }
+    obs = random_observation(("agentview", "wrist"), seed)
     return obs, policy.observation_batch([obs])
 
 
@@ -370,6 +416,7 @@ def test_released_fixture_loads_through_the_registry(folders):
     obs, _ = _batch(policy, folders)
     act = policy.predict(obs)
     assert act.shape == (8, 7) and set(np.unique(act[:, -1])) <= {-1.0, 1.0}
+    assert set(policy.fallbacks()) >= {"out_of_range_actions"}  # the un-normalisation's counter
     # without a tokenizer the folder still loads; running the processor says what is missing
     bare = _fixture("openvla_oft")
     policy = load_any(bare)

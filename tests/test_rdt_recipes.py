@@ -152,7 +152,11 @@ def test_lora_trains_only_adapters_and_adaptors(parts):
 
 
 def _frame_as_observation(frame: dict) -> dict:
-    return {"images": frame["images"], "state": frame["state"], "instruction": frame["instruction"]}
+    """What the runner gives the policy: the current images and the earlier ones it rendered."""
+    obs = {"images": frame["images"], "state": frame["state"], "instruction": frame["instruction"]}
+    if "image_history" in frame:
+        obs["image_history"] = frame["image_history"]
+    return obs
 
 
 def test_training_and_evaluation_paths_give_identical_model_inputs(trained):
@@ -166,23 +170,34 @@ def test_training_and_evaluation_paths_give_identical_model_inputs(trained):
     stats = json.loads((trained / "stats.json").read_text())
     ds = FrameDataset.from_config(cfg.data.path, cfg.data, stats, train=False)
     ds.use_processor(policy.processor)
-    k = 5
-    batch_train = policy.processor.collate([ds[k]])
-    frame = ds.frame(k)
-    batch_eval = policy.observation_batch([_frame_as_observation(frame)])
+    assert policy.image_history == policy.processor.image_history == 2
     model_keys = {"images", "image_mask", "state", "unified_mask", "ctrl_freq", "instruction"}
-    assert model_keys <= set(batch_eval)
-    for key in model_keys:
-        a, b = batch_train[key], batch_eval[key]
-        if isinstance(a, torch.Tensor):
-            assert a.dtype == b.dtype and torch.equal(a, b), key
-        else:
-            assert a == b, key
-    # RDT's grid: 2 frames x 3 slots; the current agentview / wrist are real, the rest background
+    batches = {}
+    for k in (5, 0):  # frame 5 (with frame 4 as history), frame 0 (an episode's start)
+        batch_train = policy.processor.collate([ds[k]])
+        frame = ds.frame(k)
+        assert len(frame["image_history"]["agentview"]) == min(k, 1)
+        batch_eval = policy.observation_batch([_frame_as_observation(frame)])
+        assert model_keys <= set(batch_eval)
+        for key in model_keys:
+            a, b = batch_train[key], batch_eval[key]
+            if isinstance(a, torch.Tensor):
+                assert a.dtype == b.dtype and torch.equal(a, b), (k, key)
+            else:
+                assert a == b, (k, key)
+        batches[k] = batch_eval
+    # RDT's grid: 2 frames x 3 slots [t-1: agentview, wrist, left wrist | t: ...]; the left
+    # wrist is background, and so is t-1 at an episode's start (RDT's rule), masked
+    batch_eval, first = batches[5], batches[0]
     assert batch_eval["images"].shape == (1, 6, 3, 32, 32)
-    assert batch_eval["image_mask"].tolist() == [[False] * 3 + [True, True, False]]
+    assert batch_eval["image_mask"].tolist() == [[True, True, False, True, True, False]]
+    assert first["image_mask"].tolist() == [[False] * 3 + [True, True, False]]
+    background = torch.full((3, 32, 32), 127, dtype=torch.uint8)
+    assert torch.equal(first["images"][0, 0], background)
+    assert torch.equal(batch_eval["images"][0, 2], background)
+    previous = policy.observation_batch([_frame_as_observation(ds.frame(4))])
+    assert torch.equal(batch_eval["images"][0, :2], previous["images"][0, 3:5])  # frame 4's
     assert batch_eval["state"].shape == (1, 1, 128) and batch_eval["ctrl_freq"].item() == 20.0
-    assert torch.equal(batch_eval["images"][0, 0], torch.full((3, 32, 32), 127, dtype=torch.uint8))
     # the model-level batch is what the RDT runner consumes
     lang, lang_mask, img, *_ = policy._conditions(batch_eval)
     assert img.shape == (1, 96, 32) and lang.shape[-1] == 32 and lang_mask.all()
@@ -261,6 +276,74 @@ def test_released_folder_without_processor_is_a_clear_error(parts):
 def test_build_refuses_a_horizon_other_than_the_models(parts, tmp_path):
     with pytest.raises(Exception, match="pred_horizon"):
         train_recipe("libero_full.yaml", parts, tmp_path / "run", "data.action_horizon=5")
+
+
+def test_rdt_counts_clipped_actions(trained):
+    """The inverse clips q99-normalised predictions to [-1, 1] (`normalize`): counted as the
+    fallback `clipped_actions`, once per query, summed in `policy.fallbacks()`."""
+    from vlatune.policies import load
+
+    policy = load(trained / "checkpoint-2")
+    idx = policy.processor.steps[3].mapping.action_indices
+    chunk = torch.zeros(3, H, 128)
+    chunk[1, 0, idx[2]] = 3.0  # far outside the training range in query 1
+    chunk[2, :, idx[6]] = 5.0  # the gripper is a sign, never counted
+    actions = policy.processor.postprocess(chunk)
+    assert policy.fallbacks().get("clipped_actions") == 1
+    hi = json.loads((trained / "stats.json").read_text())["action"]["q99"][2]
+    assert actions[1, 0, 2] == pytest.approx(hi)
+
+
+class _HistoryRecorder:
+    """A policy that reads 2 frames, as RDT does: records the observations the runner gives it."""
+
+    needs_images = True
+    image_history = 2
+
+    def __init__(self, conventions: dict):
+        self.conventions, self.seen = conventions, []
+
+    def reset(self, ctx) -> None:
+        return None
+
+    def predict(self, obs):
+        self.seen.append(obs)
+        return np.zeros((4, 7))
+
+    def describe(self) -> dict:
+        return {"policy": "history recorder"}
+
+
+@pytest.mark.sim
+def test_runner_gives_the_previous_rendered_step_on_libero(tmp_path):
+    """One short libero_object episode: each query after the first carries the frame of the env
+    step just before it (rendered for the policy), the first none (the episode's start)."""
+    from vlatune.conventions import ENV_CONVENTIONS
+    from vlatune.eval.runner import EvalSpec, _EnvCache, plan, run_episode
+
+    spec = EvalSpec(
+        policy="x", tasks=[0], trials=1, max_steps=6, replan=3, resolution=64, video="none",
+        out=tmp_path,
+    )  # fmt: skip
+    policy = _HistoryRecorder({**ENV_CONVENTIONS, "cameras": ["agentview", "wrist"]})
+    envs = _EnvCache(spec, render=True)
+    try:
+        record = run_episode(spec, policy, envs, plan(spec)[0])
+        env = envs.get(spec.suite, 0)
+        assert record["exception"] is None and record["steps"] == 6 and record["queries"] == 2
+        first, second = policy.seen
+        assert first["image_history"] == {"agentview": [], "wrist": []}
+        # replay the same episode by hand: the frame of step 2 is the history of the query at 3
+        obs = env.reset(plan(spec)[0]["init_index"], render=True)
+        assert np.array_equal(obs["images"]["agentview"], first["images"]["agentview"])
+        for _ in range(2):
+            obs, _, _ = env.step(np.zeros(7), render=True)
+        for cam in ("agentview", "wrist"):
+            (past,) = second["image_history"][cam]
+            assert past.shape == (64, 64, 3) and past.dtype == np.uint8
+            assert np.array_equal(past, obs["images"][cam]), cam
+    finally:
+        envs.close()
 
 
 @pytest.mark.sim

@@ -78,7 +78,11 @@ GripperConvention = Literal["-1_open", "1_open", "0_1_open"]
 # - NORA (declare-lab/nora, nora-long): gripper in [0, 1], 0 = close, 1 = open: "0_1_open"
 #   (NORA's own LIBERO rule, +1 close when g <= 0.5, is this one's inverse on +-1 values);
 #   actions unnormalised with its norm_stats.json (q01 / q99) unless fine-tuning replaces them.
-# - OpenVLA / OFT: gripper [0, 1] with 1 = open on its LIBERO data ("0_1_open" as well).
+# - OpenVLA / OFT: gripper [0, 1] with 1 = open on its LIBERO data ("0_1_open" as well); its
+#   processor converts with OFT's own rule (`model_gripper_to_env` / `model_gripper_from_env`
+#   below: moojink/openvla-oft experiments/robot/robot_utils.py, `normalize_gripper_action`
+#   with binarize=True then `invert_gripper_action`), which differs from `gripper_to_env`'s
+#   threshold only at exactly 0.5 (OFT: sign(0) = 0, a zero gripper command).
 # - pi0 / pi0.5: LIBERO's env convention (openpi trains on raw LIBERO actions); state and
 #   actions zero-padded to 32 dims and cut back (vlatune.policies.processor.PadVector).
 # - GR00T N1.5: env convention; state padded to 64, actions to 32, min-max normalised.
@@ -180,3 +184,51 @@ def gripper_from_env(values: np.ndarray, convention: GripperConvention) -> np.nd
     if convention == "0_1_open":
         return np.where(v < 0, 1.0, 0.0)
     raise ValueError(f"unknown gripper convention {convention!r}; use -1_open, 1_open or 0_1_open")
+
+
+# ---------------------------------------------------------------- a model family's own gripper rule
+def oft_gripper_to_env(values: np.ndarray) -> np.ndarray:
+    """OpenVLA / OFT's model gripper ([0, 1], 1 = open) -> the env's, exactly as OFT's LIBERO
+    evaluation: `normalize_gripper_action(a, binarize=True)` (y = sign(2 g - 1)) then
+    `invert_gripper_action` (y * -1), in moojink/openvla-oft experiments/robot/robot_utils.py.
+    g > 0.5 -> -1 (open), g < 0.5 -> +1 (close), g == 0.5 -> 0 (numpy's sign(0))."""
+    v = np.asarray(values, dtype=np.float64)
+    return -np.sign(2.0 * v - 1.0)
+
+
+def oft_gripper_from_env(values: np.ndarray) -> np.ndarray:
+    """The env's gripper -> OpenVLA / OFT's [0, 1] (1 = open): (1 - e) / 2, the inverse of the
+    affine part of `oft_gripper_to_env` (-1 -> 1, +1 -> 0). On LIBERO's +-1 actions this equals
+    OpenVLA's RLDS LIBERO transform (clip to [0, 1], then 1 - g)."""
+    v = np.asarray(values, dtype=np.float64)
+    return (1.0 - v) / 2.0
+
+
+# Families whose processors apply their released code's own rule rather than the convention's
+# threshold (`gripper_to_env` / `gripper_from_env` with MODEL_GRIPPER[family]).
+MODEL_GRIPPER_RULES = {"openvla": (oft_gripper_from_env, oft_gripper_to_env)}
+
+
+def _model_convention(family: str) -> GripperConvention:
+    if family not in MODEL_GRIPPER:
+        raise ValueError(
+            f"vlatune.conventions.MODEL_GRIPPER has no entry {family!r} "
+            f"(known: {sorted(MODEL_GRIPPER)}); add the family's gripper convention there"
+        )
+    return MODEL_GRIPPER[family]
+
+
+def model_gripper_to_env(values: np.ndarray, family: str) -> np.ndarray:
+    """Family `family`'s predicted gripper values -> the env's (-1 open, +1 close)."""
+    convention = _model_convention(family)
+    if family in MODEL_GRIPPER_RULES:
+        return MODEL_GRIPPER_RULES[family][1](values)
+    return gripper_to_env(values, convention)
+
+
+def model_gripper_from_env(values: np.ndarray, family: str) -> np.ndarray:
+    """The env's gripper values -> what family `family`'s model is trained on."""
+    convention = _model_convention(family)
+    if family in MODEL_GRIPPER_RULES:
+        return MODEL_GRIPPER_RULES[family][0](values)
+    return gripper_from_env(values, convention)

@@ -10,6 +10,11 @@ One sample (the batch contract; shapes per sample, a DataLoader adds the batch d
   by repeating the last action; `action_mask`: bool (H,), False on padding (no loss there);
 - `instruction`: str; `episode`, `frame`: int; plus annotation fields joined by (episode, frame).
 
+A processor that asks for an image history (`processor.image_history` = n > 1, RDT's 2 frames)
+gets the frames t - n + 1 .. t - 1 of the same episode as well (`frame(k)["image_history"]`,
+upright, same cameras and resolution; fewer at the episode's start, see
+`vlatune.policies.processor`); other processors read nothing more.
+
 Conventions are converted here, once: frames are rotated when the dataset declares them raw,
 the gripper dimension is mapped to the env's (-1 open, +1 close), statistics come from the
 stats file (computed on the training episodes), the gripper dimension is not normalised.
@@ -227,7 +232,8 @@ class FrameDataset(torch.utils.data.Dataset):
     def frame(self, k: int) -> dict[str, Any]:
         """Sample k as a frame (`vlatune.policies.processor`): upright uint8 images at the
         recorded size, state and action chunk in env units (gripper converted), before any
-        processing."""
+        processing. When the processor asks for n > 1 frames (`image_history`), also
+        `image_history` {camera: [frames max(0, t - n + 1) .. t - 1]}, oldest first."""
         pos, t = self.locate(k)
         ep = self.episodes[pos]
         actions, states, instruction = self._episode_lowdim(ep)
@@ -243,6 +249,12 @@ class FrameDataset(torch.utils.data.Dataset):
         }
         if states is not None:
             frame["state"] = np.asarray(states[t], np.float64)
+        n = int(getattr(self.processor, "image_history", 1))
+        if n > 1:
+            earlier = range(max(0, t - n + 1), t)
+            frame["image_history"] = {
+                cam: [self.episode_frames(ep, cam, j) for j in earlier] for cam in self.cameras
+            }
         return frame
 
     def __getitem__(self, k: int) -> dict[str, Any]:

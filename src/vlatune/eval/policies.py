@@ -66,7 +66,9 @@ class Policy(Protocol):
 
     def describe(self) -> dict[str, Any]: ...
 
-    # optional: def fallbacks(self) -> dict[str, int]; eval_settings: dict[str, Any]
+    # optional: def fallbacks(self) -> dict[str, int]; eval_settings: dict[str, Any];
+    # image_history: int (consecutive frames read, default 1: the runner then passes the
+    # earlier ones as obs["image_history"] {camera: [frames oldest first]})
 
 
 def checkpoint_eval_settings(path: str | Path) -> dict[str, Any] | None:

@@ -18,6 +18,10 @@ Action chunks run open loop for `replan` steps before the policy is asked again.
 - Settings travel with the policy: a policy may carry `eval_settings` (a training checkpoint
   carries its config's `eval` section: resolution, replan); they are used unless a flag gives
   another value, which run.json records (`settings_source`, `overrides`) and a warning states.
+- Image history: a policy with `image_history` = n > 1 (RDT: 2 frames; a served one says so in
+  its hello) also gets the last n - 1 env steps before each query rendered, passed as
+  `obs["image_history"]` {camera: [frames oldest first]}; at an episode's first query there is
+  none (the frames before the episode's start, as in training). Steps and videos are unchanged.
 - Fallbacks: a policy may count the queries it answered by a fallback (`fallbacks()`, see
   `eval/policies.py`); each episode records its queries and the fallbacks taken in it.
 - `episodes.jsonl` tolerates a torn last line (a run killed mid-write): it is moved to
@@ -330,6 +334,9 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
         and (spec.video_trials is None or ep["trial"] < spec.video_trials)
     )
     sees = bool(getattr(policy, "needs_images", True))
+    # consecutive frames the policy reads: the steps before each query are rendered too
+    history = max(1, int(getattr(policy, "image_history", 1) or 1)) if sees else 1
+    window: list[tuple[int, dict[str, np.ndarray]]] = []  # (step, images) of rendered steps
     result = _base_record(spec, ep)
     result.update(task_name=env.task.name, instruction=env.instruction)
     frames: list[np.ndarray] = []
@@ -353,17 +360,25 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
         stage = "policy.reset"
         policy.reset(ctx)
         max_steps = spec.max_steps or env.max_steps
+        if history > 1:
+            window.append((0, obs["images"]))
         while steps < max_steps and not success:
             stage = "policy.predict"
             queries += 1
-            chunk = _check_chunk(np.asarray(policy.predict(obs), dtype=np.float64))
+            query = obs
+            if history > 1:
+                query = {**obs, "image_history": _image_history(window, steps, history)}
+            chunk = _check_chunk(np.asarray(policy.predict(query), dtype=np.float64))
             todo = chunk[: spec.replan]
             stage = "env.step"
             for i, a in enumerate(todo):
                 if record:
                     frames.append(np.concatenate([obs["images"][c] for c in env.cameras], axis=1))
-                obs, success, _ = env.step(a, render=record or (sees and i == len(todo) - 1))
+                rendered = record or (sees and i >= len(todo) - history)
+                obs, success, _ = env.step(a, render=rendered)
                 steps += 1
+                if history > 1 and rendered:
+                    window = [*window[-(history - 1) :], (steps, obs["images"])]
                 if success or steps >= max_steps:
                     break
         stage = "policy.fallbacks"
@@ -391,6 +406,20 @@ def run_episode(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> 
             encode_video(np.stack(frames), tmp, fps=20)
         result["video"] = f"videos/{name}"
     return result
+
+
+def _image_history(
+    window: list[tuple[int, dict[str, np.ndarray]]], step: int, history: int
+) -> dict[str, list[np.ndarray]]:
+    """The images of steps step - history + 1 .. step - 1 (those after the episode's start),
+    oldest first, per camera, from the rendered `window`."""
+    wanted = range(max(0, step - history + 1), step)
+    by_step = dict(window)
+    missing = [s for s in wanted if s not in by_step]
+    if missing:  # every step within `history` of a query is rendered: a bug if not
+        raise RuntimeError(f"image history: steps {missing} before step {step} were not rendered")
+    cameras = by_step[step].keys() if step in by_step else []
+    return {c: [by_step[s][c] for s in wanted] for c in cameras}
 
 
 def episode_outcome(spec: EvalSpec, policy, envs: _EnvCache, ep: dict[str, Any]) -> dict:

@@ -14,7 +14,12 @@ the data entered (`vlatune.conventions`: upright images, the env's gripper sign)
 - `state`: float64 (S,) in env units (LIBERO: the 8-d state), absent when the data has none;
 - `instruction`: str;
 - training only: `actions` float64 (H, A) in env units, the chunk a[t : t + H] padded past the
-  episode end by repeating the last action, and `action_mask` bool (H,), False on padding.
+  episode end by repeating the last action, and `action_mask` bool (H,), False on padding;
+- only for a processor that asks for an image history (`Processor.image_history` = n > 1, e.g.
+  RDT's 2 frames): `image_history` {camera: [uint8 (H, W, 3), ...]}, the frames t - n + 1 .. t - 1
+  of the same episode that exist, oldest first (shorter at an episode's start, empty at t = 0).
+  The training loader (`FrameDataset.frame`) and the evaluation runner (`obs["image_history"]`,
+  carried by `frame_from_observation`) fill it the same way; a processor with n = 1 never sees it.
 
 A **step** turns the running sample into the next one (`__call__(sample, rng)`), may undo itself
 on the model's output (`inverse(chunk)`, applied in reverse order by `postprocess`), says what it
@@ -62,6 +67,7 @@ class Step:
 
     name = ""
     train = False  # set by Processor.training(); only augmenting steps read it
+    image_history = 1  # consecutive frames (the current one included) the step reads
 
     def __call__(self, sample: dict[str, Any], rng: np.random.Generator | None) -> dict[str, Any]:
         return sample
@@ -86,18 +92,30 @@ class Step:
 
 
 class Processor:
-    """An ordered chain of steps with the conventions of the frames it accepts."""
+    """An ordered chain of steps with the conventions of the frames it accepts.
+
+    `image_history`: how many consecutive frames (the current one included) a frame should
+    carry images of; by default the largest a step declares (`Step.image_history`, e.g.
+    `rdt.slots`' `history`). It is saved in processor.json; a file without it was written when
+    frames carried the current images only, and loads with 1 (the policy is evaluated as it was
+    trained)."""
 
     def __init__(
         self,
         steps: Sequence[Step],
         conventions: dict[str, Any],
         collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+        image_history: int | None = None,
     ):
         self.steps = list(steps)
         self.conventions = dict(conventions)
         self._collate = collate_fn
         self.is_training = False
+        if image_history is None:
+            image_history = max([int(getattr(s, "image_history", 1)) for s in self.steps] or [1])
+        if int(image_history) < 1:
+            raise ValueError(f"image_history must be at least 1 (frames), got {image_history}")
+        self.image_history = int(image_history)
 
     # ---- running
     def __call__(
@@ -158,6 +176,7 @@ class Processor:
         doc = {
             "format": FORMAT,
             "conventions": self.conventions,
+            "image_history": self.image_history,
             "steps": [{"step": s.name, **s.to_json(folder)} for s in self.steps],
         }
         write_json(folder / PROCESSOR_FILE, doc)
@@ -187,7 +206,19 @@ class Processor:
                     f"(known: {sorted(STEPS)})"
                 )
             steps.append(STEPS[name].from_json(entry, folder))
-        return cls(steps, doc.get("conventions", {}), collate_fn)
+        history = doc.get("image_history", 1)  # files written before the key: current frame only
+        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
+            raise ValueError(
+                f"{file}: key 'image_history' is {history!r}, expected an integer >= 1 (the "
+                "number of consecutive frames a frame carries images of)"
+            )
+        if (
+            collate_fn is None
+        ):  # a step that shapes the batch (composed hf-vlm, rdt-style) brings its collate
+            collate_fn = next(
+                (s.collate for s in steps if callable(getattr(s, "collate", None))), None
+            )
+        return cls(steps, doc.get("conventions", {}), collate_fn, image_history=history)
 
 
 def _import_family_steps(name: str | None) -> None:
@@ -202,9 +233,17 @@ def _import_family_steps(name: str | None) -> None:
     importlib.import_module(f"vlatune.policies.{family}.processor")  # its errors as they are
 
 
-def frame_from_observation(obs: dict[str, Any], cameras: Sequence[str]) -> dict[str, Any]:
+def frame_from_observation(
+    obs: dict[str, Any], cameras: Sequence[str], history: int = 1
+) -> dict[str, Any]:
     """An evaluation observation (`vlatune.keys`: upright uint8 images, 8-d state, instruction)
-    -> a frame; a camera the policy needs and the observation lacks is an error naming both."""
+    -> a frame; a camera the policy needs and the observation lacks is an error naming both.
+
+    With `history` = n > 1 (the processor's `image_history`) the frame carries `image_history`
+    {camera: [the last n - 1 earlier images, oldest first]} from `obs["image_history"]` (what
+    the evaluation runner renders); an observation without it, or with fewer earlier frames
+    (an episode's first query), has none of them: the processor treats them as frames before the
+    episode's start, as in training. With n = 1 the key is never carried."""
     images = obs.get("images") or {}
     missing = [c for c in cameras if c not in images]
     if missing:
@@ -218,6 +257,14 @@ def frame_from_observation(obs: dict[str, Any], cameras: Sequence[str]) -> dict[
     }
     if obs.get("state") is not None:
         frame["state"] = np.asarray(obs["state"], dtype=np.float64)
+    if history > 1:
+        past = obs.get("image_history") or {}
+        frame["image_history"] = {
+            c: [np.asarray(img, dtype=np.uint8) for img in list(past.get(c) or [])][
+                -(history - 1) :
+            ]
+            for c in cameras
+        }
     return frame
 
 
@@ -238,7 +285,12 @@ class Images(Step):
     """uint8 (H, W, 3) per camera -> uint8 (3, S, S) (`vlatune.data.transforms.ImageTransform`:
     crop keeping `crop_area` of the area, centred at evaluation and random in training, colour
     jitter in training) and `image_mask` (n_cameras,) bool. Camera dropout (training): each camera
-    is dropped with probability `dropout` (at least `min_cameras` kept), its image all zeros."""
+    is dropped with probability `dropout` (at least `min_cameras` kept), its image all zeros.
+
+    A frame's `image_history` (earlier frames, see the module docstring) goes through the same
+    transform, each image with its own crop / jitter draw after the current images' (RDT's
+    train/dataset.py augments every image of its history independently); a dropped camera's
+    history is left out (dropped in every frame). Without the key nothing else changes."""
 
     name = "images"
 
@@ -287,6 +339,13 @@ class Images(Step):
                 images[cam] = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         sample["images"] = images
         sample["image_mask"] = torch.tensor(keep)
+        history = sample.get("image_history")
+        if history is not None:
+            sample["image_history"] = {
+                cam: [t(img) for img in history.get(cam) or []]
+                for cam, on in zip(self.cameras, keep, strict=True)
+                if on
+            }
         return sample
 
     def describe(self) -> str:
@@ -511,13 +570,20 @@ class ProcessedPolicy:
     def conventions(self) -> dict[str, Any]:
         return dict(self.processor.conventions)
 
+    @property
+    def image_history(self) -> int:
+        """Consecutive frames an observation should carry (the runner renders the earlier
+        ones into `obs["image_history"]` when > 1)."""
+        return int(getattr(self.processor, "image_history", 1))
+
     def reset(self, ctx) -> None:  # stateless between queries
         return None
 
     def observation_batch(self, observations: Sequence[dict[str, Any]]) -> dict[str, Any]:
         cameras = self.processor.conventions.get("cameras", [])
         proc = self.processor if not self.processor.is_training else self.processor.training(False)
-        samples = [proc(frame_from_observation(o, cameras)) for o in observations]
+        history = self.image_history
+        samples = [proc(frame_from_observation(o, cameras, history)) for o in observations]
         device = next(self.parameters()).device
         return batch_to_device(proc.collate(samples), device)
 

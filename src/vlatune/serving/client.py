@@ -6,7 +6,9 @@ field when something is off):
 - `images`: {camera: uint8 array (H, W, 3)}, upright (not LIBERO's raw 180-degree-rotated
   render), one entry per camera the policy reads (`client.conventions["cameras"]`);
 - `state`: 8 numbers: end-effector position (3), axis-angle (3), gripper finger positions (2);
-- `instruction`: the task's language instruction.
+- `instruction`: the task's language instruction;
+- `image_history` (only for a policy whose hello says `image_history` = n > 1, e.g. RDT):
+  {camera: [the n - 1 earlier frames, oldest first]}, fewer (none) at an episode's start.
 
 `predict` returns the action chunk (H, 7) in the env convention: delta end-effector pose (6)
 and gripper (-1 open, +1 close). Execute some of it, then ask again. Every call waits at most
@@ -116,6 +118,11 @@ class PolicyClient:
     def needs_images(self) -> bool:
         return bool(self.hello.get("needs_images", True))
 
+    @property
+    def image_history(self) -> int:
+        """Consecutive frames the served policy reads (a server without the key: 1)."""
+        return int(self.hello.get("image_history", 1) or 1)
+
     # ------------------------------------------------------------------ requests
     def _receive(self) -> dict[str, Any]:
         try:
@@ -177,6 +184,10 @@ class PolicyClient:
         }
         if sent["state"] is None:
             del sent["state"]
+        if obs.get("image_history") is not None:  # earlier frames, for a policy that reads them
+            sent["image_history"] = {
+                c: [np.asarray(img) for img in past] for c, past in obs["image_history"].items()
+            }
         reply = self.request({"type": "predict", "obs": sent})
         self.last_fallbacks = reply.get("fallbacks")
         return reply["actions"]
@@ -199,6 +210,7 @@ class RemotePolicy:
         self.client = PolicyClient(url, timeout=timeout)
         self.conventions = self.client.conventions
         self.needs_images = self.client.needs_images
+        self.image_history = self.client.image_history
         self.eval_settings = self.client.hello.get("eval_settings")
         self._fallbacks_before: dict[str, int] = {}  # totals of earlier connections
         self._fallbacks: dict[str, int] = {}

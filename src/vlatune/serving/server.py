@@ -5,16 +5,18 @@ Conventions (openpi's: one policy process, any number of environment or robot cl
 binary msgpack frame per message, numpy arrays as in `vlatune.serving.wire`):
 
 - on connect the server sends `{"type": "hello", "protocol": "vlatune-serve/1", "conventions":
-  {...}, "policy": describe(), "needs_images": bool, "eval_settings": {...} or null, "server":
-  {"max_batch", "max_wait_ms", "batched"}}`, so a client checks conventions (and uses the
-  policy's training settings) before any episode;
+  {...}, "policy": describe(), "needs_images": bool, "image_history": int, "eval_settings":
+  {...} or null, "server": {"max_batch", "max_wait_ms", "batched"}}`, so a client checks
+  conventions (and uses the policy's training settings) before any episode; `image_history` = n
+  > 1 asks for the n - 1 frames before the current one in each observation (RDT: 2 frames);
 - every request is a map with an `id` (int or str, echoed in the reply) and a `type`:
   - `{"type": "reset", "id", "episode": {suite, task_id, task_name, instruction, trial,
     init_index, init_state}, "seed": int}` (every key optional) starts an episode: the
     session's copy of the policy is `reset`; with `seed` the torch and numpy random streams of
     this session restart from it. Reply `{"type": "reset", "id"}`;
   - `{"type": "predict", "id", "obs": {"images": {camera: uint8 (H, W, 3) upright}, "state":
-    (8,) numbers, "instruction": str}}`. Reply `{"type": "actions", "id", "actions": (H, 7)}`
+    (8,) numbers, "instruction": str, "image_history": {camera: [uint8 (H, W, 3), ...] oldest
+    first} (optional; read by a policy whose hello says image_history > 1)}}`. Reply `{"type": "actions", "id", "actions": (H, 7)}`
     in the env convention (gripper -1 open, +1 close), plus `"fallbacks": {name: count}` (this
     session's cumulative count of queries answered by a fallback) for a policy that counts
     them (`fallbacks()`; a batch in which one was taken is re-answered one query at a time,
@@ -110,7 +112,32 @@ def _check_obs(obs: Any, conventions: dict[str, Any], needs_images: bool) -> dic
     instruction = obs.get("instruction")
     if not isinstance(instruction, str):
         raise WireError("obs.instruction", f"expected a string, got {type(instruction).__name__}")
-    return {"images": images, "state": state, "instruction": instruction}
+    out = {"images": images, "state": state, "instruction": instruction}
+    history = obs.get("image_history")
+    if history is not None:
+        if not isinstance(history, dict):
+            raise WireError("obs.image_history", "expected a map camera -> list of uint8 images")
+        for cam, past in history.items():
+            if not isinstance(past, list):
+                raise WireError(
+                    f"obs.image_history.{cam}",
+                    f"expected a list of uint8 (H, W, 3) arrays, oldest first, got "
+                    f"{type(past).__name__}",
+                )
+            for i, img in enumerate(past):
+                ok = isinstance(img, np.ndarray) and img.dtype == np.uint8 and img.ndim == 3
+                if not ok or img.shape[2] != 3:
+                    got = (
+                        f"{img.dtype} {img.shape}"
+                        if isinstance(img, np.ndarray)
+                        else type(img).__name__
+                    )
+                    raise WireError(
+                        f"obs.image_history.{cam}[{i}]",
+                        f"expected a uint8 (H, W, 3) array, got {got}",
+                    )
+        out["image_history"] = history
+    return out
 
 
 def _episode_context(episode: Any):
@@ -170,6 +197,7 @@ class PolicyServer:
         self.description = _plain(policy.describe())
         self.eval_settings = _plain(getattr(policy, "eval_settings", None))
         self.needs_images = bool(getattr(policy, "needs_images", True))
+        self.image_history = int(getattr(policy, "image_history", 1) or 1)
         self.batched = callable(getattr(policy, "predict_batch", None))
         self.counts_fallbacks = callable(getattr(policy, "fallbacks", None))
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
@@ -199,6 +227,7 @@ class PolicyServer:
             "conventions": self.conventions,
             "policy": self.description,
             "needs_images": self.needs_images,
+            "image_history": self.image_history,
             "eval_settings": self.eval_settings,
             "server": {
                 "max_batch": self.max_batch,

@@ -7,6 +7,10 @@ the prompt itself (the chat template of the family with one image per camera, th
 instruction) and expands the image placeholders as the model's processor would: transformers'
 `ProcessorMixin` refuses to build without torchvision's video processor, so it is not used.
 
+The prompt ids and vision tensors are made per sample by the processor step
+`composed.vlm_inputs` (`vlatune.policies.composed.processor`), in the DataLoader workers and in
+`predict`; `forward`, `token_logits` and `generate` take that prepared batch (`batch["vlm"]`).
+
 Supported families (`model_type`): Qwen2-VL / Qwen2.5-VL (NORA is a Qwen2.5-VL-3B), PaliGemma
 (pi0's backbone) and SmolVLM; the prompt formats are those of their processors (Qwen's chat
 template; PaliGemma's `<image>` x N + BOS + text + newline; SmolVLM's `User:` / `Assistant:`
@@ -112,9 +116,9 @@ class PaliGemmaPrompt:
 
     eos = None
 
-    def __init__(self, tokenizer, image_processor, config):
+    def __init__(self, tokenizer, image_processor, image_tokens: int):
         self.tokenizer, self.ip = tokenizer, image_processor
-        self.n = int(config.text_config.num_image_tokens)
+        self.n = int(image_tokens)
         self.image = "<image>"
 
     def vision(self, per_sample):
@@ -132,10 +136,9 @@ class SmolVLMPrompt:
 
     eos = "<end_of_utterance>"
 
-    def __init__(self, tokenizer, image_processor, config):
+    def __init__(self, tokenizer, image_processor, image_tokens: int):
         self.tokenizer, self.ip = tokenizer, image_processor
-        v = config.vision_config
-        self.n = int(((v.image_size // v.patch_size) ** 2) / (config.scale_factor**2))
+        self.n = int(image_tokens)
 
     def vision(self, per_sample):
         enc = self.ip(images=per_sample, do_image_splitting=False, return_tensors="pt")
@@ -153,11 +156,48 @@ class SmolVLMPrompt:
 
 
 PROMPTS = {
-    "qwen2_vl": lambda tok, ip, cfg: QwenPrompt(tok, ip),
-    "qwen2_5_vl": lambda tok, ip, cfg: QwenPrompt(tok, ip),
+    "qwen2_vl": lambda tok, ip, n: QwenPrompt(tok, ip),
+    "qwen2_5_vl": lambda tok, ip, n: QwenPrompt(tok, ip),
     "paligemma": PaliGemmaPrompt,
     "smolvlm": SmolVLMPrompt,
 }
+
+
+def image_tokens(config) -> int | None:
+    """Tokens per image of a fixed-size family (PaliGemma, SmolVLM); None for Qwen (per grid)."""
+    if config.model_type == "paligemma":
+        return int(config.text_config.num_image_tokens)
+    if config.model_type == "smolvlm":
+        v = config.vision_config
+        return int(((v.image_size // v.patch_size) ** 2) / (config.scale_factor**2))
+    return None
+
+
+def make_prompt(model_type: str, tokenizer, image_processor, n_image_tokens: int | None):
+    if model_type not in PROMPTS:
+        raise ValueError(
+            f"hf-vlm: model type '{model_type}' is not supported (supported: {sorted(PROMPTS)})"
+        )
+    return PROMPTS[model_type](tokenizer, image_processor, n_image_tokens)
+
+
+def special_ids(tokenizer, prompt, action_vocab: int = 0) -> dict[str, Any]:
+    """The ids the prompt and the targets use: state / query placeholders, the end token (the
+    prompt's turn end, else the tokenizer's EOS), padding (the pad token, else the end token)
+    and `<robot_action_k>` for k < action_vocab."""
+    ids = tokenizer.convert_tokens_to_ids
+    end = getattr(prompt, "eos", "<|im_end|>")
+    eos = ids(end) if end else None
+    if eos is None or eos == tokenizer.unk_token_id:
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return {
+        "state": ids(STATE_TOKEN),
+        "query": ids(QUERY_TOKEN),
+        "eos": eos,
+        "pad": pad,
+        "action": [ids(ACTION_TOKEN.format(k)) for k in range(action_vocab)],
+    }
 
 
 class HFVLMBackbone(nn.Module):
@@ -203,7 +243,10 @@ class HFVLMBackbone(nn.Module):
             self.model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch_dtype)
         else:
             self.model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
-        self.prompt = PROMPTS[config.model_type](self.tokenizer, self.image_processor, config)
+        self.image_tokens = image_tokens(config)
+        self.prompt = make_prompt(
+            config.model_type, self.tokenizer, self.image_processor, self.image_tokens
+        )
         new = [STATE_TOKEN, QUERY_TOKEN]
         new += [ACTION_TOKEN.format(k) for k in range(action_vocab)]
         new += [FLOW_TOKEN.format(k) for k in range(flow_vocab)]
@@ -217,23 +260,14 @@ class HFVLMBackbone(nn.Module):
             self.tokenizer.add_tokens(missing, special_tokens=True)
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
             self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        ids = self.tokenizer.convert_tokens_to_ids
-        self.state_id, self.query_id = ids(STATE_TOKEN), ids(QUERY_TOKEN)
+        known = special_ids(self.tokenizer, self.prompt, action_vocab)
+        self.state_id, self.query_id = known["state"], known["query"]
         self.register_buffer(
-            "action_ids",
-            torch.tensor(
-                [ids(ACTION_TOKEN.format(k)) for k in range(action_vocab)], dtype=torch.long
-            ),
-            persistent=False,
+            "action_ids", torch.tensor(known["action"], dtype=torch.long), persistent=False
         )
+        ids = self.tokenizer.convert_tokens_to_ids
         self.flow_ids = [ids(FLOW_TOKEN.format(k)) for k in range(flow_vocab)]
-        end = getattr(self.prompt, "eos", "<|im_end|>")
-        self.eos_id = self.tokenizer.convert_tokens_to_ids(end) if end else None
-        if self.eos_id is None or self.eos_id == self.tokenizer.unk_token_id:
-            self.eos_id = self.tokenizer.eos_token_id
-        self.pad_id = (
-            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
-        )
+        self.eos_id, self.pad_id = known["eos"], known["pad"]
         self.dim = self.model.config.get_text_config().hidden_size
         self.state_proj = (
             nn.Sequential(nn.Linear(state_dim, self.dim), nn.GELU(), nn.Linear(self.dim, self.dim))
@@ -281,21 +315,16 @@ class HFVLMBackbone(nn.Module):
 
         return hook
 
-    def _film_inputs(
-        self, instructions, vision, per_sample_counts
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean instruction embedding (B, d), sample index of every vision token row)."""
-        device = self.model.device
+    def _film_inputs(self, vlm: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean instruction embedding (B, d), sample index of every vision token row), from
+        the batch's `film_ids` / `film_len` and `image_count` (composed.vlm_inputs)."""
         emb = self.model.get_input_embeddings()
-        texts = []
-        for t in instructions:
-            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"] or [self.pad_id]
-            texts.append(emb(torch.tensor(ids, device=device)).float().mean(0))
-        image_sample = torch.tensor(
-            [b for b, n in enumerate(per_sample_counts) for _ in range(n)], device=device
-        )
-        if "image_grid_thw" in vision:  # Qwen: rows are patches, in image order
-            patches = vision["image_grid_thw"].prod(-1).to(device)
+        ids, lengths = vlm["film_ids"].to(self.model.device), vlm["film_len"].tolist()
+        texts = [emb(ids[b, :n]).float().mean(0) for b, n in enumerate(lengths)]
+        counts = vlm["image_count"].to(ids.device)
+        image_sample = torch.arange(len(lengths), device=ids.device).repeat_interleave(counts)
+        if "image_grid_thw" in vlm:  # Qwen: rows are patches, in image order
+            patches = vlm["image_grid_thw"].prod(-1).to(ids.device)
             return torch.stack(texts), image_sample.repeat_interleave(patches)
         return torch.stack(texts), image_sample
 
@@ -313,63 +342,22 @@ class HFVLMBackbone(nn.Module):
         return output
 
     # ------------------------------------------------------------------ inputs
-    def build_inputs(
-        self,
-        images: dict[str, torch.Tensor],
-        image_mask: torch.Tensor,
-        instructions: Sequence[str],
-        n_state: int,
-        n_queries: int,
-        targets: Sequence[Sequence[int]] | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Left-padded token ids for [prompt with images][state][queries][targets]; labels are
-        the targets (-100 elsewhere). A dropped camera (image_mask False) is left out of that
-        sample's prompt."""
-        B = len(instructions)
-        per_sample = []
-        for b in range(B):
-            present = [c for i, c in enumerate(self.cameras) if bool(image_mask[b, i])]
-            per_sample.append(
-                [images[c][b].permute(1, 2, 0).cpu().numpy().astype(np.uint8) for c in present]
-            )
-        vision, counts = self.prompt.vision(per_sample)
-        film = (
-            self._film_inputs(instructions, vision, [len(f) for f in per_sample])
-            if self.film is not None
-            else None
-        )
-        rows, labels = [], []
-        for b in range(B):
-            text = self.prompt.text(instructions[b], counts[b])
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids = ids + [self.state_id] * n_state + [self.query_id] * n_queries
-            tgt = list(targets[b]) if targets is not None else []
-            rows.append(ids + tgt)
-            labels.append([-100] * len(ids) + tgt)
-        L = max(len(r) for r in rows)
-        input_ids = torch.full((B, L), self.pad_id, dtype=torch.long)
-        label_t = torch.full((B, L), -100, dtype=torch.long)
-        attn = torch.zeros(B, L, dtype=torch.long)
-        for b, (r, lab) in enumerate(zip(rows, labels, strict=True)):
-            input_ids[b, L - len(r) :] = torch.tensor(r)
-            label_t[b, L - len(r) :] = torch.tensor(lab)
-            attn[b, L - len(r) :] = 1
+    MODEL_KEYS = (
+        "input_ids",
+        "attention_mask",
+        "pixel_values",
+        "image_grid_thw",
+        "pixel_attention_mask",
+        "token_type_ids",
+    )
+
+    def model_inputs(self, vlm: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's keyword inputs from a batch's `vlm` (made by the processor step
+        `composed.vlm_inputs`, in the loader workers): on the model's device, pixel values in
+        its dtype. No tokenizer or image processor runs here."""
         device = self.model.device
-        vision = {k: v.to(device) for k, v in vision.items()}
-        vision["pixel_values"] = vision["pixel_values"].to(self.model.dtype)
-        if self.model.config.model_type == "paligemma":  # its prefix-LM mask: 0 = prompt
-            tt = torch.zeros(B, L, dtype=torch.long)
-            for b, r in enumerate(rows):  # the targets start after the -100 (prompt) labels
-                tt[b, L - len(r) + sum(x == -100 for x in labels[b]) :] = 1
-            vision["token_type_ids"] = tt.to(device)
-        out = {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attn.to(device),
-            "labels": label_t.to(device),
-            **vision,
-        }
-        if film is not None:
-            out["_film"] = film
+        out = {k: vlm[k].to(device) for k in self.MODEL_KEYS if k in vlm}
+        out["pixel_values"] = out["pixel_values"].to(self.model.dtype)
         return out
 
     def _set_inject(self, state: torch.Tensor | None, queries: torch.Tensor | None) -> None:
@@ -379,10 +367,10 @@ class HFVLMBackbone(nn.Module):
         if queries is not None:
             self._inject[self.query_id] = queries
 
-    def _call(self, inputs: dict[str, torch.Tensor], state, queries, **kw):
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "_film")}
+    def _call(self, vlm: dict[str, torch.Tensor], state, queries, **kw):
+        model_inputs = self.model_inputs(vlm)
+        self._film = self._film_inputs(vlm) if self.film is not None else None
         self._set_inject(state if self.state_proj is not None else None, queries)
-        self._film = inputs.get("_film")
         try:
             return self.model(**model_inputs, **kw)
         finally:
@@ -392,17 +380,16 @@ class HFVLMBackbone(nn.Module):
     # ------------------------------------------------------------------ continuous heads
     def forward(
         self,
-        images: dict[str, torch.Tensor],
-        image_mask: torch.Tensor,
+        vlm: dict[str, torch.Tensor],
         state: torch.Tensor | None,
-        instructions: Sequence[str],
         queries: torch.Tensor | None = None,
     ) -> BackboneOutput:
+        """`vlm`: the batch's prepared inputs (composed.vlm_inputs: the prompt already holds
+        one state token when the policy uses the state, and the query tokens)."""
         use_state = state is not None and self.state_proj is not None
         nq = 0 if queries is None else queries.shape[1]
-        inputs = self.build_inputs(images, image_mask, instructions, int(use_state), nq)
         out = self._call(
-            inputs,
+            vlm,
             state if use_state else None,
             queries,
             output_hidden_states=True,
@@ -410,7 +397,7 @@ class HFVLMBackbone(nn.Module):
             logits_to_keep=1,
         )
         hidden = out.hidden_states[-1].float()
-        padding = inputs["attention_mask"] == 0
+        padding = vlm["attention_mask"].to(hidden.device) == 0
         ctx = (~padding).clone()
         if nq:
             ctx[:, -nq:] = False
@@ -418,15 +405,15 @@ class HFVLMBackbone(nn.Module):
         return BackboneOutput(hidden=hidden, padding=padding, pooled=pooled, n_queries=nq)
 
     # ------------------------------------------------------------------ tokens head
-    def token_logits(self, inputs: dict[str, torch.Tensor], state: torch.Tensor | None):
+    def token_logits(self, vlm: dict[str, torch.Tensor], state: torch.Tensor | None):
         use_state = state is not None and self.state_proj is not None
-        out = self._call(inputs, state if use_state else None, None, use_cache=False)
+        out = self._call(vlm, state if use_state else None, None, use_cache=False)
         return out.logits
 
     @torch.no_grad()
     def generate(
         self,
-        inputs: dict[str, torch.Tensor],
+        vlm: dict[str, torch.Tensor],
         state: torch.Tensor | None,
         max_new_tokens: int,
         allowed: torch.Tensor | None = None,
@@ -438,10 +425,10 @@ class HFVLMBackbone(nn.Module):
         processors = LogitsProcessorList()
         if allowed is not None:
             processors.append(_AllowOnly(torch.cat([allowed, torch.tensor([self.eos_id])])))
-        model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "_film")}
+        model_inputs = self.model_inputs(vlm)
         use_state = state is not None and self.state_proj is not None
+        self._film = self._film_inputs(vlm) if self.film is not None else None
         self._set_inject(state if use_state else None, None)
-        self._film = inputs.get("_film")
         try:
             out = self.model.generate(
                 **model_inputs,

@@ -143,6 +143,24 @@ class VLAPolicy(nn.Module):
             gripper_dim=spec.get("gripper_dim"),
             horizon=spec["horizon"],
         )
+        if cfg.backbone == "rdt":  # the cached T5 embeddings looked up per sample
+            from vlatune.policies.composed.processor import LanguageLookup, with_language
+
+            lookup = LanguageLookup(self.backbone.lang, warn=cfg.rdt.precompute_language)
+            self.processor = with_language(self.processor, lookup)
+        if cfg.backbone == "hf-vlm":  # prompt ids and vision tensors made per sample
+            from vlatune.policies.composed.processor import VLMInputs, with_vlm_inputs
+
+            q = self.head.queries(1)
+            self.processor = with_vlm_inputs(
+                self.processor,
+                VLMInputs.from_backbone(
+                    self.backbone,
+                    n_state=1 if state_dim else 0,
+                    n_queries=0 if q is None else int(q.shape[1]),
+                    action_tokenizer=self.action_tokenizer,
+                ),
+            )
         self.source: str | None = None
         if cfg.lora is not None:
             self._apply_lora(cfg.lora)
@@ -303,23 +321,61 @@ class VLAPolicy(nn.Module):
     def _state_input(self, batch: dict[str, Any]):
         return batch.get("state") if self.cfg.use_proprio else None
 
+    def with_vlm(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """hf-vlm: the batch with `vlm` (the model's token ids and vision tensors). The loader
+        and `predict` run the processor, which adds it in the workers; a batch assembled by
+        hand (images (B, 3, S, S) uint8, `image_mask`, `instruction`, and `actions` for a
+        tokens head) gets it here, from the same step, sample by sample."""
+        if self.cfg.backbone != "hf-vlm" or "vlm" in batch:
+            return batch
+        from vlatune.policies.composed.processor import vlm_step
+        from vlatune.policies.processor import batch_to_device
+
+        step = vlm_step(self.processor)
+        images, instructions = batch["images"], batch["instruction"]
+        mask = batch.get("image_mask")
+        if mask is None:
+            mask = torch.ones(len(instructions), len(self.spec["cameras"]), dtype=torch.bool)
+        actions = batch.get("actions") if self.cfg.head == "tokens" else None
+        vlms = [
+            step.build(
+                {c: v[b] for c, v in images.items()},
+                mask[b],
+                instructions[b],
+                None if actions is None else actions[b],
+            )
+            for b in range(len(instructions))
+        ]
+        device = next(self.parameters()).device
+        return {**batch, "vlm": batch_to_device(step.join(vlms), device)}
+
     def encode(self, batch: dict[str, Any]):
+        if self.cfg.backbone == "hf-vlm":
+            batch = self.with_vlm(batch)
+            B = batch["vlm"]["input_ids"].shape[0]
+            state = batch.get("state") if self.cfg.use_proprio else None
+            return self.backbone(batch["vlm"], state, self.head.queries(B))
         images = batch["images"]
         B = next(iter(images.values())).shape[0]
         mask = batch.get("image_mask")
         if mask is None:
             mask = torch.ones(B, len(self.spec["cameras"]), dtype=torch.bool)
+        extra = {}
+        if self.cfg.backbone == "rdt" and "language" in batch:  # made by the processor
+            extra["language"] = (batch["language"], batch["language_mask"])
         return self.backbone(
             images,
             mask,
             batch.get("state") if self.cfg.use_proprio else None,
             batch["instruction"],
             self.head.queries(B),
+            **extra,
         )
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Losses of one batch: {'loss': total, and each term}."""
         if self.cfg.head == "tokens":
+            batch = self.with_vlm(batch)
             loss, metrics = self.head.loss(self.backbone, batch, self._state_input(batch))
             return {"action_loss": loss.detach(), **metrics, "loss": loss}
         out = self.encode(batch)
@@ -389,6 +445,7 @@ class VLAPolicy(nn.Module):
         """The policy interface: (B, H, A) normalised chunks for a model-level batch (images
         resized and scaled, state normalised: what `_prepare` or the training loader gives)."""
         if self.cfg.head == "tokens":
+            batch = self.with_vlm(batch)
             return self.head.sample(self.backbone, batch, self._state_input(batch))
         out = self.encode(batch)
         chunk = self.head.sample(out)

@@ -18,9 +18,7 @@ Both encoders are frozen (RDT); `policy.lora` puts adapters on the vision tower 
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,13 +27,10 @@ import torch
 from torch import nn
 
 from vlatune.policies.composed.tiny import BackboneOutput
+from vlatune.policies.rdt.language import LanguageEmbeddings, default_cache_dir
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vlatune" / "language"
+__all__ = ["RDTBackbone", "default_cache_dir"]
 
 
 class RDTBackbone(nn.Module):
@@ -91,12 +86,26 @@ class RDTBackbone(nn.Module):
             else None
         )
         self.vision.requires_grad_(False)
-        self._text_encoder = None  # loaded on demand
-        self._tokenizer = None
-        self.language: dict[str, torch.Tensor] = {}
-        self.cache_dir = Path(r.language_cache) if r.language_cache else default_cache_dir()
+        # the rdt family's cache (same keys and files): memory, disk, then T5 (kept out of the
+        # module tree: never saved, never trained; loaded on demand)
+        self.lang = LanguageEmbeddings(
+            self.text_id, r.max_text_tokens, r.language_cache, setting="policy.rdt.text_model_id"
+        )
         if not r.precompute_language:
-            self._load_text_encoder()
+            self.lang._load_encoder()
+
+    @property
+    def language(self) -> dict[str, torch.Tensor]:
+        """instruction -> (L, D) float32 T5 embedding, for the instructions known so far."""
+        return self.lang.known
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.lang.cache_dir
+
+    @property
+    def _text_encoder(self):
+        return self.lang._enc
 
     # ------------------------------------------------------------------ language
     def _text_config(self):
@@ -109,62 +118,13 @@ class RDTBackbone(nn.Module):
                 f"policy.rdt.text_model_id {self.text_id!r} (T5) cannot be loaded ({e})"
             ) from None
 
-    def _load_text_encoder(self):
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        if self._text_encoder is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.text_id)
-            enc = T5EncoderModel.from_pretrained(self.text_id).eval()
-            enc.requires_grad_(False)
-            # kept out of the module tree: never saved, never trained
-            object.__setattr__(self, "_text_encoder", enc)
-        return self._tokenizer, self._text_encoder
-
-    def _key(self, text: str) -> str:
-        h = hashlib.sha256(f"{self.text_id}\n{self.r.max_text_tokens}\n{text}".encode())
-        return h.hexdigest()[:32]
-
     def release_text_encoder(self) -> None:
-        object.__setattr__(self, "_text_encoder", None)
+        self.lang.release()
 
-    @torch.no_grad()
     def encode_texts(self, texts: Iterable[str]) -> int:
         """Embed every text not yet known (memory, then disk cache, then the encoder).
         Returns how many went through the encoder."""
-        from safetensors.torch import load_file, save_file
-
-        todo = []
-        for t in dict.fromkeys(texts):
-            if t in self.language:
-                continue
-            f = self.cache_dir / f"{self._key(t)}.safetensors"
-            if f.is_file():
-                self.language[t] = load_file(f)["embeddings"]
-            else:
-                todo.append(t)
-        if todo:
-            tok, enc = self._load_text_encoder()
-            for i in range(0, len(todo), 16):
-                part = todo[i : i + 16]
-                batch = tok(
-                    part,
-                    padding=True,
-                    truncation=True,
-                    max_length=self.r.max_text_tokens,
-                    return_tensors="pt",
-                )
-                hidden = enc(**batch).last_hidden_state.float()
-                for j, t in enumerate(part):
-                    emb = hidden[j, : int(batch["attention_mask"][j].sum())].contiguous()
-                    self.language[t] = emb
-                    self.cache_dir.mkdir(parents=True, exist_ok=True)
-                    f = self.cache_dir / f"{self._key(t)}.safetensors"
-                    tmp = f.with_name(f".{f.name}.{os.getpid()}.tmp")
-                    save_file(
-                        {"embeddings": emb}, tmp, metadata={"text": t, "encoder": self.text_id}
-                    )
-                    tmp.replace(f)
-        return len(todo)
+        return self.lang.encode(texts)
 
     def _language_tokens(self, texts: Sequence[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         missing = list(dict.fromkeys(t for t in texts if t not in self.language))
@@ -174,14 +134,8 @@ class RDTBackbone(nn.Module):
                     "instruction(s) %s were not precomputed; loading the text encoder", missing[:3]
                 )
             self.encode_texts(missing)
-        embs = [self.language[t] for t in texts]
-        L = max(e.shape[0] for e in embs)
-        out = torch.zeros(len(texts), L, embs[0].shape[1])
-        pad = torch.ones(len(texts), L, dtype=torch.bool)
-        for b, e in enumerate(embs):
-            out[b, : e.shape[0]] = e
-            pad[b, : e.shape[0]] = False
-        return out.to(device), pad.to(device)
+        out, mask = self.lang.batch(texts, self.r.max_text_tokens, device=device)
+        return out, ~mask
 
     # ------------------------------------------------------------------ forward
     def _pixels(self, frames: torch.Tensor) -> torch.Tensor:
@@ -196,7 +150,10 @@ class RDTBackbone(nn.Module):
         state: torch.Tensor | None,
         instructions: Sequence[str],
         queries: torch.Tensor | None = None,
+        language: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> BackboneOutput:
+        """`language`: the batch's (embeddings (B, L, D), mask (B, L) True on a token) from the
+        processor step `composed.language`; None looks the instructions up here."""
         if queries is not None:
             raise ValueError("the rdt backbone feeds the diffusion / flow heads (no query tokens)")
         device = self.camera_embed.device
@@ -206,7 +163,10 @@ class RDTBackbone(nn.Module):
             tok = self.vision_proj(feats.float()) + self.camera_embed[i]
             tokens.append(tok)
             pads.append((~image_mask[:, i].to(device))[:, None].expand(-1, tok.shape[1]))
-        text, text_pad = self._language_tokens(list(instructions), device)
+        if language is not None:
+            text, text_pad = language[0].to(device), ~language[1].to(device)
+        else:
+            text, text_pad = self._language_tokens(list(instructions), device)
         tokens.append(self.text_proj(text))
         pads.append(text_pad)
         if state is not None and self.state_proj is not None:
@@ -232,24 +192,10 @@ class RDTBackbone(nn.Module):
 
     # ------------------------------------------------------------------ saving
     def save_language(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        if not self.language:
-            return
-        texts = sorted(self.language)
-        tensors = {f"t{i}": self.language[t].contiguous() for i, t in enumerate(texts)}
-        import json
-
-        save_file(tensors, path, metadata={"texts": json.dumps(texts), "encoder": self.text_id})
+        """`language_embeddings.safetensors` (the rdt family's format); nothing when empty."""
+        if self.language:
+            self.lang.save(Path(path))
 
     def load_language(self, path: Path) -> None:
-        import json
-
-        from safetensors import safe_open
-
-        if not path.is_file():
-            return
-        with safe_open(str(path), framework="pt") as f:
-            texts = json.loads(f.metadata()["texts"])
-            for i, t in enumerate(texts):
-                self.language[t] = f.get_tensor(f"t{i}")
+        if Path(path).is_file():
+            self.lang.load(Path(path))

@@ -77,28 +77,31 @@ class TokenHead(nn.Module):
             out[b] = ids
         return out
 
-    def targets(self, backbone, batch: dict[str, Any]) -> list[list[int]]:
-        actions = batch["actions"].detach().float().cpu().numpy()
-        B = actions.shape[0]
-        reasoning = self._reasoning(backbone, batch, B)
-        ids = backbone.action_ids.tolist()
-        return [
-            reasoning[b] + [ids[i] for i in self.tok.encode(actions[b])] + [backbone.eos_id]
-            for b in range(B)
-        ]
+    def with_reasoning(self, backbone, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's `vlm` (prompt + action target ids, made by the processor step) with the
+        reasoning targets (drawn here: dropout uses the trainer's torch stream) inserted before
+        the action ids; unchanged when reasoning is off."""
+        vlm = batch["vlm"]
+        if not self.cfg.reasoning.enabled:
+            return vlm
+        from vlatune.policies.composed.processor import repack, unpack
+
+        prompts, targets = unpack(vlm)
+        reasoning = self._reasoning(backbone, batch, len(prompts))
+        rows = [r + t for r, t in zip(reasoning, targets, strict=True)]
+        return repack(vlm, prompts, rows, backbone.pad_id)
 
     # ------------------------------------------------------------------ loss
     def loss(self, backbone, batch: dict[str, Any], state) -> tuple[torch.Tensor, dict]:
-        targets = self.targets(backbone, batch)
-        B = len(targets)
-        mask = batch.get("image_mask")
-        if mask is None:
-            mask = torch.ones(B, len(backbone.cameras), dtype=torch.bool)
-        inputs = backbone.build_inputs(
-            batch["images"], mask, batch["instruction"], 1 if state is not None else 0, 0, targets
-        )
+        """`batch["vlm"]`: prompt + action target ids per sample (composed.vlm_inputs)."""
+        inputs = self.with_reasoning(backbone, batch)
+        if not bool((inputs["labels"] != -100).any()):
+            raise ValueError(
+                "tokens head: the batch has no target ids (composed.vlm_inputs adds them to "
+                "samples with actions)"
+            )
         logits = backbone.token_logits(inputs, state)[:, :-1].float()
-        labels = inputs["labels"][:, 1:]
+        labels = inputs["labels"][:, 1:].to(logits.device)
         valid = labels != -100
         is_action = torch.isin(labels, backbone.action_ids) | (labels == backbone.eos_id)
         ce = nn.functional.cross_entropy(
@@ -118,13 +121,12 @@ class TokenHead(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def sample(self, backbone, batch: dict[str, Any], state) -> torch.Tensor:
-        B = len(batch["instruction"])
-        mask = batch.get("image_mask")
-        if mask is None:
-            mask = torch.ones(B, len(backbone.cameras), dtype=torch.bool)
-        inputs = backbone.build_inputs(
-            batch["images"], mask, batch["instruction"], 1 if state is not None else 0, 0
-        )
+        inputs = batch["vlm"]
+        if bool((inputs["labels"] != -100).any()):  # a batch with targets: decode the prompt
+            from vlatune.policies.composed.processor import repack, unpack
+
+            prompts, _ = unpack(inputs)
+            inputs = repack(inputs, prompts, [[] for _ in prompts], backbone.pad_id)
         r = self.cfg.reasoning
         if r.enabled and r.inference == "generate":
             new = backbone.generate(inputs, state, r.max_new_tokens + self.cfg.max_new_tokens)

@@ -14,10 +14,21 @@ padding, masks, embodiment id) and the policy interface (`vlatune.policies.base`
   train (as in NVIDIA's head). `lora` adds low-rank adapters to DiT linears through forward
   hooks, so the network's own parameter names (NVIDIA's keys) never change.
 - Saved folder: NVIDIA's layout (config.json, eagle_config.json, model.safetensors with
-  `backbone.*` / `action_head.*` keys) + `processor.json` (+ `tokenizer/`) + `vlatune_groot.json`
-  (the training settings: flags, LoRA, inference steps) and, with LoRA, `lora.safetensors`
-  (the adapters; model.safetensors then holds the unmerged base weights, `merged_state_dict`
-  gives NVIDIA-loadable fine-tuned weights).
+  `backbone.*` / `action_head.*` keys, what NVIDIA's `GR00TN15.from_pretrained` and
+  `convert.load_released` read strictly) + `processor.json` (+ `tokenizer/`) +
+  `vlatune_groot.json` (the training settings: flags, LoRA, inference steps). With LoRA the
+  rule is pi0's: model.safetensors holds the weights with the adapters *merged* (deployable as
+  they are), and `lora.safetensors` (`LORA_FILE`) is kept beside it for resuming: per adapted
+  DiT linear `<name>.A`, `<name>.B` (the adapters) and `<name>.base` (that linear's weight
+  before merging; `<name>` is the DiT module path with `.` written `__`). `load_policy` puts
+  the `.base` weights back in place of the merged ones and re-attaches the adapters, so a
+  resumed run continues from bit-identical weights and adapters (subtracting the delta from
+  the merged weight would not give the base back exactly in floating point, and unlike pi0 the
+  base is not re-read from `policy.pretrained`: vlln, vl_self_attention and the projectors
+  train beside the adapters, and that folder may have moved). The cost is one more copy of the
+  adapted linears (the DiT attention and feed-forward weights). A `lora.safetensors` without
+  `.base` keys is a folder vlatune wrote before this rule: its model.safetensors holds the
+  unmerged base weights and loads as such.
 
     >>> policy = load_policy("runs/groot/checkpoint-2000/policy")
     >>> actions = policy.predict({"images": {...}, "state": s, "instruction": "open the drawer"})
@@ -145,20 +156,30 @@ class GrootPolicy(ProcessedPolicy, nn.Module):
         params = {id(p): p for p in self.parameters()}.values()
         return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
+    def lora_state_dict(self) -> dict[str, Tensor]:
+        """`lora.safetensors`: per adapted linear `<name>.A`, `<name>.B` and `<name>.base` (the
+        linear's own weight, unmerged), contiguous copies."""
+        out: dict[str, Tensor] = {}
+        for key, adapter in self.lora.items():
+            linear = self.model.head.dit.get_submodule(key.replace("__", "."))
+            out[f"{key}.A"] = adapter.A.detach().contiguous().clone()
+            out[f"{key}.B"] = adapter.B.detach().contiguous().clone()
+            out[f"{key}.base"] = linear.weight.detach().contiguous().clone()
+        return out
+
     def save(self, folder: str | Path) -> Path:
+        """NVIDIA's layout (LoRA merged into model.safetensors) + processor.json + settings +
+        `lora.safetensors` for resuming (module docstring), atomically."""
         folder = Path(folder)
         with fsutil.atomic_dir(folder) as tmp:
             self.model.cfg.save(tmp)
-            save_file(
-                to_released_state_dict(self.model), str(tmp / WEIGHTS), metadata={"format": "pt"}
-            )
             if len(self.lora):
-                lora = {
-                    f"{k}.{p}": t.detach().contiguous().clone()
-                    for k, a in self.lora.items()
-                    for p, t in (("A", a.A), ("B", a.B))
-                }
-                save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
+                weights = self.merged_state_dict()
+            else:
+                weights = to_released_state_dict(self.model)
+            save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            if len(self.lora):
+                save_file(self.lora_state_dict(), str(tmp / LORA_FILE), metadata={"format": "pt"})
             fsutil.write_json(tmp / SETTINGS_FILE, self.settings)
             self.processor.save(tmp)
         return folder
@@ -250,12 +271,38 @@ def load_policy(path: str | Path) -> GrootPolicy:
             raise FileNotFoundError(
                 f"{folder}: {SETTINGS_FILE} names LoRA but {LORA_FILE} is missing"
             )
-        tensors = load_file(str(folder / LORA_FILE))
-        for key, adapter in policy.lora.items():
-            for p in ("A", "B"):
-                name = f"{key}.{p}"
-                if name not in tensors:
-                    raise KeyError(f"{folder / LORA_FILE}: key {name} missing")
-                getattr(adapter, p).data.copy_(tensors[name])
+        _restore_lora(policy, folder / LORA_FILE)
     policy.source = str(folder)
     return policy
+
+
+def _restore_lora(policy: GrootPolicy, path: Path) -> None:
+    """`lora.safetensors` into a policy loaded from the merged model.safetensors: each adapted
+    linear gets its `.base` weight back (bit-identical to the saved policy's), each adapter its
+    A and B. Without `.base` keys (a folder written before the merged layout) the loaded
+    weights are already the base."""
+    tensors = load_file(str(path))
+    own: set[str] = set()
+    for key, adapter in policy.lora.items():
+        own.update(f"{key}.{p}" for p in ("A", "B", "base"))
+        for p in ("A", "B"):
+            name = f"{key}.{p}"
+            if name not in tensors:
+                raise KeyError(f"{path}: key {name} missing (the LoRA settings name this layer)")
+            getattr(adapter, p).data.copy_(tensors[name])
+    unexpected = sorted(set(tensors) - own)
+    if unexpected:
+        raise KeyError(f"{path}: keys of no adapted layer: {unexpected[:5]}")
+    if not any(k.endswith(".base") for k in tensors):
+        return
+    for key in policy.lora:
+        name = f"{key}.base"
+        if name not in tensors:
+            raise KeyError(f"{path}: key {name} missing (other layers have their .base weight)")
+        linear = policy.model.head.dit.get_submodule(key.replace("__", "."))
+        if tuple(tensors[name].shape) != tuple(linear.weight.shape):
+            raise ValueError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the layer's weight "
+                f"{tuple(linear.weight.shape)}"
+            )
+        linear.weight.data.copy_(tensors[name])

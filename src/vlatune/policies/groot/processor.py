@@ -151,15 +151,24 @@ def _as_stats(stats: dict, key: str) -> dict[str, list[float]]:
 class MinMax(Step):
     """`key` ("state" / "actions", env units) -> min-max [-1, 1] float32 (GR00T's
     `min_max_normalize`). For actions, `inverse` un-normalises predicted chunks and, with
-    `gripper_dim`, makes the gripper command its sign (-1 open / +1 close)."""
+    `gripper_dim`, makes the gripper command its sign (-1 open / +1 close).
+
+    Predictions outside the training range are *not* clipped: neither NVIDIA's
+    (`gr00t/data/transform/state_action.py`, `Normalizer.inverse`, mode "min_max") nor
+    LeRobot 0.5.1's (`processor_groot.py`, `GrootActionUnpackUnnormalizeStep`) inverse clips.
+    They are counted: a query whose chunk leaves [-1, 1] by more than `RANGE_TOLERANCE` on a
+    non-gripper dimension with max > min adds one to the counter `out_of_range_actions`
+    (`counters()`, so `policy.fallbacks()` and the evaluation report show it)."""
 
     name = "groot.minmax"
+    RANGE_TOLERANCE = 0.01
 
     def __init__(self, key: str, stats: dict, gripper_dim: int | None = None):
         if key not in ("state", "actions"):
             raise ValueError(f"groot.minmax: key must be 'state' or 'actions', got {key!r}")
         self.key, self.stats, self.gripper_dim = key, _as_stats(stats, key), gripper_dim
         self.dim = len(self.stats["min"])
+        self.out_of_range = 0
 
     def __call__(self, sample, rng):
         x = sample.get(self.key)
@@ -176,12 +185,27 @@ class MinMax(Step):
     def inverse(self, chunk):
         if self.key != "actions":
             return chunk
+        chunk = np.asarray(chunk)
+        self.out_of_range += self._count_out_of_range(chunk)
         out = min_max_unnormalize(torch.as_tensor(chunk, dtype=torch.float64), self.stats)
         out = out.numpy()
         if self.gripper_dim is not None:
             g = self.gripper_dim
             out[..., g] = np.where(np.asarray(chunk)[..., g] > 0, 1.0, -1.0)
         return out
+
+    def _count_out_of_range(self, chunk: np.ndarray) -> int:
+        """Queries (rows of a (B, H, D) chunk, or one (H, D) chunk) beyond the range."""
+        lo, hi = np.asarray(self.stats["min"]), np.asarray(self.stats["max"])
+        used = hi > lo
+        if self.gripper_dim is not None:
+            used[self.gripper_dim] = False
+        rows = chunk[None] if chunk.ndim == 2 else chunk
+        outside = np.abs(rows[..., used]) > 1.0 + self.RANGE_TOLERANCE
+        return int(outside.reshape(len(rows), -1).any(axis=1).sum())
+
+    def counters(self):
+        return {"out_of_range_actions": self.out_of_range} if self.key == "actions" else {}
 
     def describe(self):
         grip = f", gripper dim {self.gripper_dim} -> sign" if self.gripper_dim is not None else ""
@@ -198,11 +222,13 @@ class Eagle(Step):
     `eagle_input_ids` from the prompt: the user turn holds one `<image-k>` per camera and the
     instruction as GR00T writes it (`str([instruction])`); each `<image-k>` becomes
     `<image k><img>` + `<IMG_CONTEXT>` x tokens_per_image + `</img>` (Eagle 2.5's processor,
-    one tile, no thumbnail). The chat template is the tokenizer's when it has one, else ChatML
-    with the system line "You are a helpful assistant.". The ids are right-padded to the fixed
-    `max_length` (image tokens + `max_text_tokens`) with `eagle_attention_mask` (L,), so any
-    collate stacks them; the policy cuts a batch back to its longest prompt (GR00T's padding
-    to the longest), so the padding never reaches the model. A longer prompt is an error."""
+    one tile, no thumbnail) under the Eagle processor's chat template (`prompt`: system line
+    "You are a helpful assistant.", where the template comes from). The ids are left-padded to
+    the fixed `max_length` (image tokens + `max_text_tokens`) with `eagle_attention_mask` (L,),
+    so any collate stacks them; the policy cuts a batch back to its longest prompt. Left, as
+    GR00T pads a batch (`padding_side = "left"`: Isaac-GR00T `gr00t/model/transforms.py`,
+    LeRobot 0.5.1 `processor_groot.py`): the prompts of a batch end at the same column. A
+    longer prompt is an error."""
 
     name = "groot.eagle"
 
@@ -239,19 +265,25 @@ class Eagle(Step):
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
 
     def prompt(self, instruction: str) -> str:
-        images = [{"type": "image"} for _ in self.cameras]
-        text = {"type": "text", "text": str([instruction])}
-        if getattr(self.tokenizer, "chat_template", None):
-            conv = [{"role": "user", "content": [*images, text]}]
-            rendered = self.tokenizer.apply_chat_template(
-                conv, tokenize=False, add_generation_prompt=True
-            )
-        else:
-            marks = "".join(f"<image-{i + 1}>" for i in range(len(self.cameras)))
-            rendered = (
-                f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
-                f"{marks}{text['text']}<|im_end|>\n<|im_start|>assistant\n"
-            )
+        """The text GR00T N1.5 feeds the Eagle tokenizer for one frame.
+
+        Source: the Eagle 2.5 *processor's* chat template, `chat_template.json` of
+        `gr00t/model/backbone/eagle2_hg_model/` (NVIDIA Isaac-GR00T N1.5; the same file is in
+        LeRobot's `lerobot/eagle2hg-processor-groot-n1p5` folder), applied by
+        `GrootEagleEncodeStep` (lerobot 0.5.1 `policies/groot/processor_groot.py`) to
+        `[{"role": "user", "content": [image x n_cameras, {"text": str([instruction])}]}]` with
+        `add_generation_prompt=True` and no `add_vision_id`: a first message that is not a
+        system one gets the system line "You are a helpful assistant.", each image becomes
+        `<image-k>`, then `Eagle2_5_VLProcessor.replace_media_placeholder` expands `<image-k>`
+        to `<image k><img>` + `<IMG_CONTEXT>` x tokens + `</img>`. The instruction is used as
+        given (LeRobot's `formalize_language` is off: no lowercasing). The tokenizer's own
+        `chat_template` (Qwen3's, in tokenizer_config.json) is *not* the one GR00T uses, so it
+        is ignored here."""
+        marks = "".join(f"<image-{i + 1}>" for i in range(len(self.cameras)))
+        rendered = (
+            f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+            f"{marks}{str([instruction])}<|im_end|>\n<|im_start|>assistant\n"
+        )
         n = len(re.findall(r"<image-(\d+)>", rendered))
         if n != len(self.cameras):
             raise ValueError(
@@ -284,7 +316,7 @@ class Eagle(Step):
             )
         padded = torch.full((self.max_length,), self.pad_id, dtype=torch.long)
         mask = torch.zeros(self.max_length, dtype=torch.long)
-        padded[: len(ids)], mask[: len(ids)] = ids, 1
+        padded[self.max_length - len(ids) :], mask[self.max_length - len(ids) :] = ids, 1
         sample["eagle_input_ids"], sample["eagle_attention_mask"] = padded, mask
         return sample
 
@@ -377,17 +409,18 @@ class Pack(Step):
 def model_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     """A collated batch (vlatune's default collate stacks the samples) -> GR00T's model batch:
     `eagle_pixel_values` (B, n_cameras, 3, S, S) -> (B * n_cameras, 3, S, S) in sample order
-    (the order the backbone fills the image tokens), the prompts cut to the longest one (the
-    columns no sample attends to removed: GR00T's right padding to the longest)."""
+    (the order the backbone fills the image tokens), the prompts cut to the longest one: the
+    columns no sample attends to are removed (left-padded prompts, GR00T's batch padding, lose
+    their first columns; a right-padded batch, as recorded fixtures may be, its last ones)."""
     out = dict(batch)
     pix = out["eagle_pixel_values"]
     if pix.ndim == 5:
         out["eagle_pixel_values"] = pix.reshape(-1, *pix.shape[2:])
     mask = out["eagle_attention_mask"]
     used = mask.any(dim=0).nonzero()
-    length = int(used.max()) + 1 if used.numel() else mask.shape[1]
-    out["eagle_input_ids"] = out["eagle_input_ids"][:, :length]
-    out["eagle_attention_mask"] = mask[:, :length]
+    lo, hi = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, mask.shape[1])
+    out["eagle_input_ids"] = out["eagle_input_ids"][:, lo:hi]
+    out["eagle_attention_mask"] = mask[:, lo:hi]
     return out
 
 

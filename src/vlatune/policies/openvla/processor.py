@@ -11,11 +11,14 @@ What OpenVLA's `PrismaticProcessor` + the LIBERO eval utilities of `openvla/open
   through the Llama tokenizer (BOS first), OpenVLA's space token 29871 appended, right-padded
   with the pad id to `max_tokens` -> `input_ids`, `attention_mask`.
 - `openvla.gripper`: LIBERO's env gripper (-1 open, +1 close) <-> the model's [0, 1] (1 open),
-  the inverse of OFT's `normalize_gripper_action(binarize=True)` + `invert_gripper_action`.
+  the inverse of OFT's `normalize_gripper_action(binarize=True)` + `invert_gripper_action`
+  (the rule lives in `vlatune.conventions`: `model_gripper_from_env` / `model_gripper_to_env`).
 - `openvla.normalize`: BOUNDS_Q99 (or BOUNDS) of `dataset_statistics.json`:
   2 (x - q01) / (q99 - q01 + 1e-8) - 1 clipped to [-1, 1] where the statistics' `mask` is True
   (the gripper is masked); `state` becomes `proprio`. Inverse on actions: OFT's
-  `_unnormalize_actions`.
+  `_unnormalize_actions`, which does not clip: a query whose prediction leaves [-1, 1] by more
+  than `Normalize.CLIP_TOLERANCE` on a normalised dimension is un-normalised as it is and
+  counted as the fallback counter `out_of_range_actions` (`policy.fallbacks()`).
 - `openvla.action_tokens` (variant openvla, training): the first normalised action -> 256
   uniform bins on [-1, 1], token = vocab end - np.digitize(a, bins) -> `action_token_ids`.
 
@@ -33,8 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlatune.conventions import model_gripper_from_env, model_gripper_to_env
 from vlatune.policies.processor import (
     Images,
+    Normalize,
     Processor,
     Select,
     Step,
@@ -164,9 +169,11 @@ class Prompt(Step):
 @register
 class Gripper(Step):
     """Env gripper (-1 open, +1 close) -> the model's [0, 1] (1 open) on `actions[..., dim]`;
-    inverse: OFT's normalize_gripper_action(binarize) then invert_gripper_action."""
+    inverse: OFT's normalize_gripper_action(binarize) then invert_gripper_action. Both rules are
+    `vlatune.conventions`' for the family "openvla" (MODEL_GRIPPER)."""
 
     name = "openvla.gripper"
+    FAMILY = "openvla"
 
     def __init__(self, dim: int = -1):
         self.dim = int(dim)
@@ -176,14 +183,13 @@ class Gripper(Step):
         if a is None:
             return sample
         a = np.array(a, dtype=np.float64)
-        a[..., self.dim] = (1.0 - a[..., self.dim]) / 2.0
+        a[..., self.dim] = model_gripper_from_env(a[..., self.dim], self.FAMILY)
         sample["actions"] = a
         return sample
 
     def inverse(self, chunk):
         out = np.array(chunk, dtype=np.float64)
-        g = 2.0 * out[..., self.dim] - 1.0  # [0, 1] -> [-1, 1]
-        out[..., self.dim] = -np.sign(g)  # binarise, then invert (1 open -> env -1)
+        out[..., self.dim] = model_gripper_to_env(out[..., self.dim], self.FAMILY)
         return out
 
     def describe(self) -> str:
@@ -199,6 +205,8 @@ class BoundsNormalize(Step):
 
     name = "openvla.normalize"
     EPS = 1e-8
+    TOLERANCE = Normalize.CLIP_TOLERANCE  # the same "beyond the training range" as `normalize`
+    COUNTER = "out_of_range_actions"
 
     def __init__(self, key: str, out: str, low, high, mask, norm_type: str = "bounds_q99"):
         if key not in ("state", "actions"):
@@ -206,6 +214,7 @@ class BoundsNormalize(Step):
         self.key, self.out, self.norm_type = key, out, norm_type
         self.low, self.high = np.asarray(low, np.float64), np.asarray(high, np.float64)
         self.mask = np.asarray(mask, dtype=bool)
+        self.out_of_range = 0
 
     def __call__(self, sample, rng):
         x = sample.pop(self.key, None)
@@ -222,13 +231,24 @@ class BoundsNormalize(Step):
         return sample
 
     def inverse(self, chunk):
+        """OFT's `_unnormalize_actions` on (B, H, A) (or one (H, A)) normalised chunks: not
+        clipped, as OFT; each query with a normalised (`mask`ed) value beyond [-1, 1] by more
+        than TOLERANCE is counted once (`counters()`)."""
         if self.key != "actions":
             return chunk
         c = np.asarray(chunk, np.float64)
+        outside = self.mask & (np.abs(c) > 1.0 + self.TOLERANCE)
+        per_query = outside.reshape(len(c), -1) if c.ndim >= 3 else outside.reshape(1, -1)
+        self.out_of_range += int(per_query.any(axis=1).sum())
         return np.where(self.mask, 0.5 * (c + 1) * (self.high - self.low + self.EPS) + self.low, c)
 
+    def counters(self):
+        return {self.COUNTER: self.out_of_range} if self.key == "actions" else {}
+
     def describe(self) -> str:
-        return f"{self.key} -> {self.out}: {self.norm_type} where mask {self.mask.tolist()}"
+        return f"{self.key} -> {self.out}: {self.norm_type} where mask {self.mask.tolist()}" + (
+            "; inverse unclipped (OFT), out-of-range queries counted" * (self.key == "actions")
+        )
 
     def to_json(self, folder):
         return {

@@ -1,7 +1,7 @@
 """Precomputed T5 instruction embeddings for the `rdt` family, as RDT does.
 
-Same approach and on-disk formats as the composed family's rdt-style backbone
-(`vlatune.policies.composed.rdt_style.RDTBackbone`), so the two share a cache:
+The one implementation of that cache: the composed family's rdt-style backbone
+(`vlatune.policies.composed.rdt_style.RDTBackbone`) uses this class too, so the two share it:
 
 - each distinct instruction is encoded once (memory, then the disk cache, then the encoder);
 - the disk cache is one safetensors file per text, `{"embeddings": (L, D)}`, named by
@@ -38,9 +38,14 @@ class LanguageEmbeddings:
     """Instruction -> (L, D) float32 T5 embedding, with the encoder loaded only when needed."""
 
     def __init__(
-        self, encoder: str | None, max_tokens: int, cache_dir: str | Path | None = None
+        self,
+        encoder: str | None,
+        max_tokens: int,
+        cache_dir: str | Path | None = None,
+        setting: str = "policy.text_encoder",
     ) -> None:
-        self.encoder_id, self.max_tokens = encoder, int(max_tokens)
+        """`setting`: the config key naming the encoder (in the error when it cannot load)."""
+        self.encoder_id, self.max_tokens, self.setting = encoder, int(max_tokens), setting
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.known: dict[str, torch.Tensor] = {}
         self._tok = self._enc = None
@@ -48,6 +53,10 @@ class LanguageEmbeddings:
     def key(self, text: str) -> str:
         h = hashlib.sha256(f"{self.encoder_id}\n{self.max_tokens}\n{text}".encode())
         return h.hexdigest()[:32]
+
+    @property
+    def encoder_loaded(self) -> bool:
+        return self._enc is not None
 
     def _load_encoder(self):
         if self._enc is None:
@@ -60,7 +69,7 @@ class LanguageEmbeddings:
                 enc = T5EncoderModel.from_pretrained(self.encoder_id).eval()
             except OSError as e:
                 raise FileNotFoundError(
-                    f"policy.text_encoder {self.encoder_id!r} (T5) cannot be loaded ({e}); give a "
+                    f"{self.setting} {self.encoder_id!r} (T5) cannot be loaded ({e}); give a "
                     "local folder or make the hub reachable"
                 ) from None
             self._enc = enc.requires_grad_(False)

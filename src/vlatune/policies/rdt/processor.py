@@ -3,10 +3,11 @@
 `build_processor` assembles, in order:
 
 1. `images` (generic): each camera that fills a slot, upright uint8 -> (3, S, S) at the SigLIP
-   tower's resolution (crop / colour jitter / camera dropout in training only);
+   tower's resolution (crop / colour jitter / camera dropout in training only), the frame's
+   earlier images (`image_history`) too, each with its own crop / jitter draw;
 2. `rdt.slots`: RDT's image grid, `img_history_size` frames x 3 camera slots, frame-major as
    upstream (`[t-1: exterior, right wrist, left wrist, t: ...]`), uint8 (T * 3, 3, S, S). A slot
-   with no camera, a dropped camera and a frame before the one observed are the *background*
+   with no camera, a dropped camera and a frame before the episode's start are the *background*
    image (the SigLIP processor's mean colour), as upstream fills missing images (the model gets
    no image mask; `image_mask` says which slots are real);
 3. `normalize` (generic) of the 7-d actions (q99 / mean-std, the gripper kept -1 / +1);
@@ -20,10 +21,18 @@ The model-level sample: `images` uint8 (T*3, 3, S, S), `image_mask` bool (T*3,),
 the precomputed T5 embedding), and in training `actions` float32 (H, 128), `action_mask` bool (H,).
 vlatune's default collate batches it (strings become a list).
 
-History: a vlatune frame carries the current images only, so the earlier frame of the history is
-the background in training and at evaluation alike (upstream does the same for frames before an
-episode's start); a frame with `image_history` ({camera: [uint8 HWC, ...] oldest first}) fills
-them instead.
+History: the processor declares `image_history` = `img_history_size` (2), so a frame carries
+the previous frame's images (`image_history` {camera: [uint8 HWC, ...] oldest first}): the
+training loader reads frame t - 1 of the same episode (`FrameDataset.frame`), the evaluation
+runner renders the env step before each query (`vlatune.eval.runner.run_episode`, a policy server
+passes `obs["image_history"]` on). At an episode's start (t = 0, the first query) there is no
+earlier frame: its slots are the background with `image_mask` False, upstream's rule in training
+(thu-ml/RoboticsDiffusionTransformer data/hdf5_vla_dataset.py pads the history with the first
+frame but marks the padding invalid, and train/dataset.py replaces invalid images by the
+background image) and at inference (eval_sim/eval_rdt_maniskill.py and
+scripts/agilex_inference.py start the 2-observation window with None, drawn as the background).
+A processor.json written before `image_history` existed loads with 1: that policy was trained
+with a background earlier frame and is evaluated so.
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ N_SLOTS = 3  # RDT's camera slots: exterior, right wrist, left wrist
 
 @register
 class RDTSlots(Step):
-    """Per-camera images -> RDT's (history x 3 slots) image grid with background fills."""
+    """Per-camera images (and the frame's `image_history`, already through the `images` step)
+    -> RDT's (history x 3 slots) image grid with background fills; declares `image_history`
+    = `history` frames."""
 
     name = "rdt.slots"
 
@@ -72,7 +83,13 @@ class RDTSlots(Step):
                 f"wrist; null for none), got {self.camera_slots}"
             )
         self.history, self.size = int(history), int(size)
+        if self.history < 1:
+            raise ValueError(f"rdt.slots: history must be at least 1 frame, got {history}")
         self.background = [int(c) for c in background]
+
+    @property
+    def image_history(self) -> int:
+        return self.history
 
     def _background(self) -> torch.Tensor:
         bg = torch.tensor(self.background, dtype=torch.uint8).view(3, 1, 1)
@@ -97,7 +114,9 @@ class RDTSlots(Step):
                     else:
                         past = history.get(cam) or []
                         if len(past) >= back:
-                            img = _resize(past[len(past) - back], self.size)
+                            img = past[len(past) - back]
+                            if not isinstance(img, torch.Tensor):  # not through `images`
+                                img = _resize(img, self.size)
                 grid.append(bg if img is None else img)
                 mask.append(img is not None)
         sample["images"] = torch.stack(grid)
@@ -107,7 +126,7 @@ class RDTSlots(Step):
     def describe(self) -> str:
         return (
             f"RDT image grid: {self.history} frames x slots {self.camera_slots}, missing ones "
-            f"(and earlier frames not recorded) the background colour {self.background}"
+            f"(and frames before the episode's start) the background colour {self.background}"
         )
 
     def to_json(self, folder):
