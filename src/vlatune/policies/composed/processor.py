@@ -353,13 +353,9 @@ class LanguageLookup(Step):
 
     @staticmethod
     def join(embs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        L = max(e.shape[0] for e in embs)
-        out = torch.zeros(len(embs), L, embs[0].shape[1])
-        mask = torch.zeros(len(embs), L, dtype=torch.bool)
-        for b, e in enumerate(embs):
-            out[b, : e.shape[0]] = e
-            mask[b, : e.shape[0]] = True
-        return out, mask
+        from vlatune.policies.rdt.language import pad_embeddings
+
+        return pad_embeddings(embs)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         from vlatune.data.training import collate

@@ -34,6 +34,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "vlatune" / "language"
 
 
+def pad_embeddings(embs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-text (L_i, D) embeddings -> (B, L, D) zero-padded at the end + (B, L) bool mask
+    (True on a token)."""
+    L = max(e.shape[0] for e in embs)
+    out = torch.zeros(len(embs), L, embs[0].shape[1])
+    mask = torch.zeros(len(embs), L, dtype=torch.bool)
+    for b, e in enumerate(embs):
+        out[b, : e.shape[0]] = e
+        mask[b, : e.shape[0]] = True
+    return out, mask
+
+
 class LanguageEmbeddings:
     """Instruction -> (L, D) float32 T5 embedding, with the encoder loaded only when needed."""
 
@@ -129,13 +141,7 @@ class LanguageEmbeddings:
                 "instruction(s) %s were not precomputed; loading the T5 encoder", missing[:3]
             )
             self.encode(missing)
-        embs = [self.known[t][:max_len] for t in texts]
-        L = max(e.shape[0] for e in embs)
-        out = torch.zeros(len(texts), L, embs[0].shape[1])
-        mask = torch.zeros(len(texts), L, dtype=torch.bool)
-        for b, e in enumerate(embs):
-            out[b, : e.shape[0]] = e
-            mask[b, : e.shape[0]] = True
+        out, mask = pad_embeddings([self.known[t][:max_len] for t in texts])
         return out.to(device=device, dtype=dtype), mask.to(device)
 
     # ---- travelling with the policy
