@@ -338,5 +338,12 @@ def test_rdt_observation_with_history_gives_the_training_sample(data):
     assert ev["image_mask"][0].tolist() == [True, True, False, True, True, False]
     # the first query of an episode (no earlier frame) is the training sample at t = 0
     first = ds.frame(0)
-    ev0 = policy.observation_batch([{k: first[k] for k in ("images", "state", "instruction")}])
+    assert policy.fallbacks()["missing_image_history"] == 0
+    bare = {k: first[k] for k in ("images", "state", "instruction")}
+    empty = {**bare, "image_history": {c: [] for c in first["images"]}}  # the runner's first query
+    ev0 = policy.observation_batch([empty])
     assert torch.equal(ev0["images"], proc.collate([ds[0]])["images"])
+    assert policy.fallbacks()["missing_image_history"] == 0
+    # an observation without the key (a caller that does not send earlier frames) is counted
+    assert torch.equal(policy.observation_batch([bare])["images"], ev0["images"])
+    assert policy.fallbacks()["missing_image_history"] == 1

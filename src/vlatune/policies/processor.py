@@ -583,6 +583,9 @@ class ProcessedPolicy:
         cameras = self.processor.conventions.get("cameras", [])
         proc = self.processor if not self.processor.is_training else self.processor.training(False)
         history = self.image_history
+        if history > 1:  # no earlier frames given: they are drawn as at an episode's start
+            missing = sum("image_history" not in o for o in observations)
+            self._missing_history = getattr(self, "_missing_history", 0) + missing
         samples = [proc(frame_from_observation(o, cameras, history)) for o in observations]
         device = next(self.parameters()).device
         return batch_to_device(proc.collate(samples), device)
@@ -605,7 +608,13 @@ class ProcessedPolicy:
         return self.predict(list(observations))
 
     def fallbacks(self) -> dict[str, int]:
+        """The processor's counters, the model's (`model_fallbacks`) and, for a policy reading
+        earlier frames, `missing_image_history`: observations that carried no
+        `image_history` key (the runner always sends one, empty at an episode's first query),
+        answered with the earlier frames drawn as before an episode's start."""
         out = self.processor.fallbacks()
+        if self.image_history > 1:
+            out["missing_image_history"] = getattr(self, "_missing_history", 0)
         own = getattr(self, "model_fallbacks", None)
         for k, v in (own() if own else {}).items():
             out[k] = out.get(k, 0) + int(v)
