@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,7 +68,13 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--suite", default="libero_object")
     ap.add_argument("--task", type=int, default=0)
-    ap.add_argument("--every", type=int, default=400, help="checkpoint + validation interval")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="checkpoint + validation interval (default: the largest that divides every "
+        "fraction's step)",
+    )
     ap.add_argument("--root", type=Path, default=Path("outputs/demo_margin"))
     ap.add_argument("--config", default=None, help="recipe (default: demo/tiny)")
     ap.add_argument("--result", type=Path, default=Path("benchmarks/results/demo_runs.json"))
@@ -79,6 +86,9 @@ def main() -> None:
 
     recipe = Path(a.config) if a.config else default_config()
     fractions = [float(f) for f in a.fractions.split(",")]
+    if a.every is None:
+        steps = load_config(recipe, a.overrides).train.max_steps
+        a.every = math.gcd(*(round(f * steps) for f in fractions))
     rows, demos = [], []
     for seed in [int(s) for s in a.seeds.split(",")]:
         out = a.root / f"seed{seed}"

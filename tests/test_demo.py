@@ -109,7 +109,7 @@ def test_demo_artifacts(demo_dir):
             "instruction": "x",
         }
     )
-    assert chunk.shape == (8, 7)
+    assert chunk.shape == (16, 7)  # the recipe's data.action_horizon
     rows = [json.loads(x) for x in (demo_dir / "run/metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 30
     # evaluation on init states 0 and 1 (held out: demos come from sampled states)

@@ -34,6 +34,21 @@ def test_schedules():
         lr_multiplier("exp", 10)
 
 
+def test_multistep_decay_beyond_the_run_is_said():
+    from vlatune.config.loader import load_config
+    from vlatune.config.schema import config_warnings
+
+    ok = load_config(
+        CONFIG, ["optim.schedule=multistep", "optim.decay_steps=[50]", "train.max_steps=100"]
+    )
+    assert not [w for w in config_warnings(ok) if "decay_steps" in w]
+    short = load_config(
+        CONFIG, ["optim.schedule=multistep", "optim.decay_steps=[50, 120]", "train.max_steps=100"]
+    )
+    (w,) = [w for w in config_warnings(short) if "decay_steps" in w]
+    assert "[120] at or beyond train.max_steps (100)" in w
+
+
 def test_step_sampler_shards_and_resumes():
     a = StepBatchSampler(10, 3, seed=1, rank=0, world=2, stop=5)
     b = StepBatchSampler(10, 3, seed=1, rank=1, world=2, stop=5)

@@ -625,6 +625,13 @@ def config_warnings(cfg: Config) -> list[str]:
             f"{t.max_steps / o.warmup_steps:.0%} of optim.lr. Lower optim.warmup_steps (e.g. "
             f"optim.warmup_steps={max(t.max_steps // 10, 0)})."
         )
+    late = [s for s in o.decay_steps if s >= t.max_steps]
+    if o.schedule == "multistep" and late:
+        out.append(
+            f"optim.decay_steps {late} at or beyond train.max_steps ({t.max_steps}): the run "
+            f"ends before the learning rate is lowered there. Scale optim.decay_steps with "
+            f"train.max_steps (e.g. optim.decay_steps=[{max(t.max_steps // 2, 1)}])."
+        )
     e = getattr(cfg.policy, "energy", None)  # the composed family's energy model
     if e is not None and e.enabled and e.warmup_steps > t.max_steps:
         out.append(
