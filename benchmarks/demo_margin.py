@@ -139,11 +139,17 @@ def main() -> None:
         write(a, recipe, fractions, rows, demos)
 
 
+def meets_bar(rows: list[dict]) -> bool:
+    """The bar: >= BAR at every measured checkpoint, on at least two recordings."""
+    return len({r["seed"] for r in rows}) >= 2 and all(r["rate"] >= BAR for r in rows)
+
+
 def write(a, recipe, fractions, rows, demos) -> None:
-    meets = all(r["rate"] >= BAR for r in rows)
+    meets = meets_bar(rows)
     doc = {
         "bar": f">= {BAR:.0%} at each of {fractions} of the steps on each recording",
         "meets_bar": meets,
+        "seeds_measured": sorted({r["seed"] for r in rows}),
         "recipe": str(recipe),
         "overrides": a.overrides,
         "suite": a.suite,
@@ -165,7 +171,7 @@ def write(a, recipe, fractions, rows, demos) -> None:
         print(
             f"{r['seed']:>4} {r['step']:>6} {r['successes']:>4}/{r['trials']:<4} {ci:>12} {tl:>8} {vl:>8}"
         )
-    print(f"meets the bar: {meets}; written {a.result}")
+    print(f"meets the bar (two recordings at least): {meets}; written {a.result}")
 
 
 if __name__ == "__main__":

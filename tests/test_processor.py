@@ -239,5 +239,9 @@ def test_demo_margin_reads_losses_at_a_checkpoint_and_the_demo_takes_a_recording
     train, val = bench.losses_at(metrics, 400, window=200)
     assert train == pytest.approx((1 / 300 + 1 / 400) / 2) and val == 0.25
     assert bench.losses_at(metrics, 300, window=100) == (pytest.approx(1 / 300), None)
+    good = [{"seed": 0, "rate": 1.0}, {"seed": 0, "rate": 0.85}]
+    assert not bench.meets_bar(good)  # one recording is not the bar
+    assert bench.meets_bar([*good, {"seed": 1, "rate": 0.8}])
+    assert not bench.meets_bar([*good, {"seed": 1, "rate": 0.75}])
     out = CliRunner().invoke(cli, ["demo", "--help"]).output
     assert "--seed" in out and "Recording seed" in out

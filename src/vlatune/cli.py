@@ -874,7 +874,7 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
     "--minutes",
     default=None,
     type=float,
-    help="Opt-in training time cap (default: none; the recipe's train.max_steps, 2,000, "
+    help="Opt-in training time cap (default: none; the recipe's train.max_steps, 2,400, "
     "decide). A cap that stops training early is stated first in every output; rerun to "
     "continue from the checkpoint.",
 )

@@ -3,9 +3,9 @@
 1. the scripted expert records `episodes` demonstrations of one LIBERO task (LIBERO HDF5) from
    *sampled* initial states, in worker processes; LIBERO's 50 fixed init states stay unseen;
 2. they are converted to LeRobot v2.1 and training reads that copy (the interchange path);
-3. `configs/demo/tiny.yaml` trains for its recipe's 2,000 steps (tiny backbone, chunked L1
-   head, q99 normalisation, augmentation, a cosine learning rate reaching 0 at step 2,000, a
-   moving average of the weights in the checkpoints), checkpointing as it goes and printing the
+3. `configs/demo/tiny.yaml` trains for its recipe's 2,400 steps (tiny backbone, chunked L1
+   head with 16 actions, q99 normalisation, augmentation, a learning rate lowered tenfold at
+   step 1,100, a moving average of the weights in the checkpoints), checkpointing as it goes and printing the
    remaining time from the measured step rate (a line every few seconds when the output is a
    log). The result is defined by the steps, not by the machine's speed: `minutes` is an
    explicit opt-in cap, and when a cap leaves training short of the recipe the console, the
@@ -13,22 +13,22 @@
    steps: not the recipe's result; rerun to continue"); rerunning continues from the last
    checkpoint;
 4. the last checkpoint is evaluated with the `vlatune eval` runner on the task's fixed init
-   states 0..trials-1 (never trained on), with videos;
+   states 0..trials-1 (never trained on), with videos, each 16-action chunk executed whole;
 5. `report.html` / `report.md` gather the dataset summary, the loss curve, the success rate with
    its 95% interval, the per-trial table and the rollout videos.
 
 Each stage reuses what a previous run with the same `--out` finished (data, conversion); training
 resumes from its last checkpoint; the evaluation of each checkpoint has its own folder.
 
-Defaults are sized so the whole demo takes about 25 minutes on 2 CPU cores (set-up about 2
-more from nothing). Measured end to end with them (libero_object task 0, 2026-11-23): 24.7 min:
-recording 45 demonstrations 11.8 min (49 tried; about 15 s each with 2 processes, rendering two
-cameras dominates), conversion 0.5, training 9.3 (2,000 steps of 32 samples), evaluation 3.0
-(20 trials in 2 processes; only 4 trials are filmed, the others render just the frames the
-policy sees). Success with the cosine schedule: 19/20 (95%), 95% CI [76, 99]% (averaged
-weights; a constant learning rate gave 13/20 on the same recording; see docs/demo.md). Not
-robust: the same code and recording gave 7/20 on another machine (2026-12-07; 1/20 at 60% and
-80% of the steps), see docs/demo.md and benchmarks/demo_margin.py.
+Defaults are sized so the whole demo takes about 30 minutes on 2 CPU cores (set-up about 2
+more from nothing): recording 45 demonstrations 12-15 min (49 tried; about 15 s each with 2
+processes, rendering two cameras dominates), conversion 0.3, training 12-18 (2,400 steps of 32
+samples, 70-110 samples/s on our machines), evaluation 2.4 (20 trials in 2 processes; only 4
+trials are filmed, the others render just the frames the policy sees). Measured on recording
+seed 0 (2026-12-07): 20/20, 95% CI [84, 100]%, at 60, 80 and 100% of the steps (the previous
+recipe, 8-action chunks re-queried every 8 steps and a cosine to 0, gave 7/20 on that
+recording); recording seed 1: 6/20, 12/20, 14/20 (time-outs): not yet reliable on any recording;
+see docs/demo.md and benchmarks/demo_margin.py.
 """
 
 from __future__ import annotations
