@@ -142,7 +142,8 @@ def _train_cfg(data: Path, run: Path, *extra: str):
         [
             f"data.path={data}", "data.format=auto", "data.image_size=32", "data.batch_size=4",
             "data.val_fraction=0", "policy.tiny.dim=32", "policy.tiny.layers=1",
-            "policy.tiny.keypoints=8", "policy.tiny.tokens_per_side=2", "optim.warmup_steps=0", "data.action_horizon=8", "eval.replan=8",
+            "policy.tiny.keypoints=8", "policy.tiny.tokens_per_side=2", "optim.warmup_steps=0",
+            "data.action_horizon=8", "eval.replan=8",
             f"train.output_dir={run}", "train.max_steps=2",
             "train.save_every=2", "train.val_every=null", "train.max_minutes=null",
             "train.ema_decay=0", "eval.resolution=128", *extra,

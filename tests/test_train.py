@@ -49,6 +49,16 @@ def test_multistep_decay_beyond_the_run_is_said():
     assert "[120] at or beyond train.max_steps (100)" in w
 
 
+def test_replan_longer_than_the_chunk_is_said():
+    from vlatune.config.loader import load_config
+    from vlatune.config.schema import config_warnings
+
+    assert not [w for w in config_warnings(load_config(CONFIG)) if "eval.replan" in w]
+    cfg = load_config(CONFIG, ["data.action_horizon=8", "eval.replan=16"])
+    (w,) = [w for w in config_warnings(cfg) if "eval.replan" in w]
+    assert "eval.replan (16) is longer than data.action_horizon (8)" in w
+
+
 def test_step_sampler_shards_and_resumes():
     a = StepBatchSampler(10, 3, seed=1, rank=0, world=2, stop=5)
     b = StepBatchSampler(10, 3, seed=1, rank=1, world=2, stop=5)

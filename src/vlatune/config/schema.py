@@ -632,6 +632,13 @@ def config_warnings(cfg: Config) -> list[str]:
             f"ends before the learning rate is lowered there. Scale optim.decay_steps with "
             f"train.max_steps (e.g. optim.decay_steps=[{max(t.max_steps // 2, 1)}])."
         )
+    horizon = cfg.data.action_horizon
+    if cfg.eval.replan > horizon:
+        out.append(
+            f"eval.replan ({cfg.eval.replan}) is longer than data.action_horizon ({horizon}): "
+            f"each chunk is executed whole ({horizon} actions) before the next query. Set "
+            f"eval.replan={horizon} to say so, or lengthen data.action_horizon."
+        )
     e = getattr(cfg.policy, "energy", None)  # the composed family's energy model
     if e is not None and e.enabled and e.warmup_steps > t.max_steps:
         out.append(
