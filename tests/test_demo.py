@@ -92,6 +92,10 @@ def test_demo_artifacts(demo_dir):
     # nothing recorded beyond what was needed: every success is kept, failures are counted
     assert task["kept"] == task["solved"] == 2 and task["tried"] >= 2
     assert task["expert_success_rate"] == 2 / task["tried"]
+    # the expert's settings travel with the recording, and the report states them
+    assert synth["expert"]["noise"] == 0.2 and synth["expert"]["descend_radius"] == 0.06
+    md = (demo_dir / "report.md").read_text()
+    assert "DART noise 0.2, carry-and-lower funnel 6 cm" in md
     info = json.loads((demo_dir / "data/lerobot/meta/info.json").read_text())
     assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2
     with open_dataset(demo_dir / "data" / "lerobot") as reader:

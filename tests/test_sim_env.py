@@ -70,6 +70,7 @@ def test_expert_succeeds_and_synth_records_replayable_upright_consistent_demos(t
         "libero_object", [0], episodes=1, out=tmp_path / "demo", resolution=64, first_init=7
     )
     assert report["episodes"] == 1 and report["tasks"][env.task.name]["init_indices"] == [7]
+    assert report["expert"]["descend_radius"] == 0.0  # the settings that recorded them
     ds = open_dataset(tmp_path / "demo")
     assert (
         ds.info.format == "libero_hdf5"
@@ -101,6 +102,27 @@ def test_expert_succeeds_and_synth_records_replayable_upright_consistent_demos(t
     assert success
 
 
+def test_sim_synth_cli_records_with_the_funnel_expert(tmp_path):
+    """`vlatune sim synth --descend-radius 0.06` records what the demo records (its settings in
+    synth_report.json), and the demo replays successfully."""
+    import json
+
+    from tests.conftest import run_cli
+    from vlatune.eval.runner import EvalSpec, evaluate
+
+    out = tmp_path / "demos"
+    r = run_cli(
+        "sim", "synth", "--suite", "libero_object", "--tasks", "0", "--episodes", "1",
+        "--first-init", "2", "--resolution", "64", "--descend-radius", "0.06", "--out", str(out),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = json.loads((out / "synth_report.json").read_text())
+    assert report["expert"]["descend_radius"] == 0.06 and report["episodes"] == 1
+    spec = EvalSpec(policy=f"replay:{out}", tasks=[0], trials=1, first_init=2, video="none",
+                    out=tmp_path / "eval")  # fmt: skip
+    assert evaluate(spec)["overall"]["successes"] == 1
+
+
 def test_expert_grasps_a_bowl_by_its_rim():
     from vlatune.sim.env import LiberoEnv
     from vlatune.sim.expert import run_expert_episode
@@ -111,6 +133,40 @@ def test_expert_grasps_a_bowl_by_its_rim():
     finally:
         env.close()
     assert ok and steps < env.max_steps
+
+
+def test_expert_funnel_lowers_while_closing_in_without_a_jump(env):
+    """descend_radius > 0 (the demo's recordings): carry and lower are one phase whose height
+    goal falls with the distance to the spot, so the vertical action never jumps from hovering
+    to full speed down (the old carry -> lower switch did, and a policy learned to hover there,
+    issue 19); it succeeds, releases within a third of the radius, and takes fewer steps."""
+    from vlatune.sim.expert import ExpertParams, ScriptedExpert
+
+    def run(params):
+        expert = ScriptedExpert(env, params)
+        env.reset(4)
+        phases, dz, released_at = [], [], None
+        for _ in range(env.max_steps):
+            phase = expert.phase  # the phase whose goal gives this action
+            a = expert.act()
+            phases.append(phase)
+            if phase in ("carry", "lower"):
+                dz.append(a[2])
+            if released_at is None and expert.phase == "release":
+                eef = env.last_raw["robot0_eef_pos"]
+                spot = expert._pos(expert.target)[:2] + expert._xy_offset
+                released_at = float(np.linalg.norm(eef[:2] - spot))
+            _, success, _ = env.step(a)
+            if success:
+                break
+        return success, len(phases), set(phases), float(np.max(np.abs(np.diff(dz)))), released_at
+
+    ok, steps, phases, jump, released_at = run(ExpertParams(descend_radius=0.06))
+    ok0, steps0, phases0, jump0, _ = run(ExpertParams())
+    assert ok and ok0
+    assert "lower" in phases0 and "lower" not in phases  # one phase carries and lowers
+    assert jump0 > 0.8 and jump < 0.3  # old: ~0 then -1 at the switch; funnel: smooth
+    assert released_at < 0.02 and steps < steps0
 
 
 def test_separation_of_footprints():

@@ -462,6 +462,15 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
     type=float,
     help="For --init sampled: DART noise std on the executed x, y, z actions (labels stay clean).",
 )
+@click.option(
+    "--descend-radius",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Carry and lower as one funnel: the hand descends within this distance (m) of the spot "
+    "above the target and releases within a third of it (the demo records with 0.06); 0: carry "
+    "at height, then lower.",
+)
 def sim_synth(
     suite: str,
     tasks: str,
@@ -473,6 +482,7 @@ def sim_synth(
     workers: int,
     cameras: str,
     noise: float,
+    descend_radius: float,
 ) -> None:
     """Record scripted-expert demonstrations as LIBERO HDF5 (raw orientation, env gripper)."""
     from vlatune.progress import Progress
@@ -492,7 +502,7 @@ def sim_synth(
                 resolution,
                 cameras=tuple(c.strip() for c in cameras.split(",")),
                 workers=workers,
-                params=ExpertParams(noise=noise),
+                params=ExpertParams(noise=noise, descend_radius=descend_radius),
                 progress=lambda k, n: bar.set(k, tried=n),
             )
         else:
@@ -503,6 +513,7 @@ def sim_synth(
                 out_dir,
                 resolution,
                 first_init,
+                params=ExpertParams(descend_radius=descend_radius),
                 progress=lambda k, n: bar.set(k, tried=n),
             )
     table = Table("task", "kept", "tried", "expert success", "mean steps")

@@ -53,6 +53,14 @@ class ExpertParams:
     # closed-loop expert then demonstrates recoveries from the perturbed states a learned policy
     # drifts into. 0: none.
     noise: float = 0.0
+    # carry and lower as one funnel (> 0, m): within this xy distance of the spot above the
+    # target the hand's height goal falls linearly with the distance, from the carry height to
+    # the release height at a third of it, where it releases (2 cm for 0.06: inside a basket's
+    # opening, on a plate); the expert's action is then a continuous function of where the hand
+    # is, and the DART noise does not keep it hovering for an exact spot. 0: carry at
+    # height until within `tolerance` of the spot, then lower (a jump from ~0 to full speed down
+    # that a learned policy must time from pixels: it learned to hover there, issue 19).
+    descend_radius: float = 0.0
 
 
 def object_z_extent(sim_env, name: str) -> tuple[float, float]:
@@ -202,6 +210,14 @@ class ScriptedExpert:
             z = self._carry_z
             goal, gripper = np.array([eef[0], eef[1], max(z, eef[2])]), GRIPPER_CLOSE_ENV
             done = eef[2] > z - 2 * p.tolerance
+        elif self.phase == "carry" and p.descend_radius > 0:
+            z_low = target_top + p.place_clearance + hold
+            d = float(np.linalg.norm((target - eef)[:2]))
+            inner = p.descend_radius / 3  # fully lowered (and released) within this
+            f = np.clip((d - inner) / (p.descend_radius - inner), 0.0, 1.0)
+            goal = np.array([target[0], target[1], z_low + f * (self._carry_z - z_low)])
+            gripper = GRIPPER_CLOSE_ENV
+            done = d < inner and eef[2] - z_low < 2 * p.tolerance
         elif self.phase == "carry":
             z = self._carry_z
             goal, gripper = np.array([target[0], target[1], z]), GRIPPER_CLOSE_ENV
@@ -218,8 +234,10 @@ class ScriptedExpert:
         else:  # done: move up and away, gripper open
             goal, gripper, done = eef + np.array([0, 0, 0.05]), GRIPPER_OPEN_ENV, False
         self.t_phase += 1
-        if (done or self.t_phase > p.phase_timeout) and self.phase != "done":
-            self._next(self.PHASES[self.PHASES.index(self.phase) + 1])
+        funnel = self.phase == "carry" and p.descend_radius > 0  # carries and lowers: skip lower
+        timeout = (2 if funnel else 1) * p.phase_timeout
+        if (done or self.t_phase > timeout) and self.phase != "done":
+            self._next("release" if funnel else self.PHASES[self.PHASES.index(self.phase) + 1])
         action = np.zeros(7)
         action[:3] = np.clip(p.gain * (goal - eef), -1.0, 1.0)
         # OSC_POSE: a[5] = 1 asks for 0.5 rad about the world's z axis; half the error a step

@@ -12,6 +12,7 @@ task. Episodes start after the 10 settle steps, as evaluation episodes do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -149,7 +150,12 @@ def synthesize(
         raise ValueError(f"episodes per task must be in 1..{NUM_INIT_STATES}, got {episodes}")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    report: dict[str, Any] = {"suite": suite, "resolution": resolution, "tasks": {}}
+    report: dict[str, Any] = {
+        "suite": suite,
+        "resolution": resolution,
+        "expert": dataclasses.asdict(params or ExpertParams()),
+        "tasks": {},
+    }
     t_start = time.perf_counter()
     try:
         writer = None
@@ -300,6 +306,7 @@ def synthesize_sampled(
             "resolution": resolution,
             "cameras": list(cameras),
             "init": "sampled",
+            "expert": dataclasses.asdict(params or ExpertParams()),  # what recorded these demos
             "tasks": {
                 env_probe.name: {
                     "task_id": task_id,
