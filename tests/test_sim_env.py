@@ -135,6 +135,20 @@ def test_expert_grasps_a_bowl_by_its_rim():
     assert ok and steps < env.max_steps
 
 
+def test_negative_expert_settings_are_refused_with_their_names():
+    from tests.conftest import run_cli
+    from vlatune.sim.expert import ExpertParams
+
+    with pytest.raises(ValueError, match=r"descend_radius \(-0.05\).*must be >= 0"):
+        ExpertParams(descend_radius=-0.05)
+    with pytest.raises(ValueError, match=r"noise \(-0.1\)"):
+        ExpertParams(noise=-0.1)
+    r = run_cli("sim", "synth", "--descend-radius", "-1", "--out", "never_written")
+    assert (
+        r.returncode == 2 and "--descend-radius" in r.stderr and ">=0" in r.stderr.replace(" ", "")
+    )
+
+
 def test_expert_funnel_lowers_while_closing_in_without_a_jump(env):
     """descend_radius > 0 (the demo's recordings): carry and lower are one phase whose height
     goal falls with the distance to the spot, so the vertical action never jumps from hovering

@@ -466,7 +466,7 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
     "--descend-radius",
     default=0.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(min=0.0),
     help="Carry and lower as one funnel: the hand descends within this distance (m) of the spot "
     "above the target and releases within a third of it (the demo records with 0.06); 0: carry "
     "at height, then lower.",

@@ -4,8 +4,9 @@ For LIBERO tasks of the form "pick up X and place it in/on Y" (libero_object, li
 the task's `obj_of_interest` names X and Y; heights come from each object's collision geometry.
 OSC_POSE delta actions from a proportional controller, `a[:3] = clip(gain * (goal - eef), -1, 1)`,
 no rotation, through the phases approach (above X) -> descend -> close -> lift -> carry (above
-Y) -> lower -> release. Used to synthesise demonstrations (`vlatune sim synth`) and as the
-`scripted` policy of `vlatune eval`. It reads the simulator, so it is not a learned policy and
+Y) -> lower -> release (with `descend_radius` > 0, carry and lower are one funnel-shaped
+motion). Used to synthesise demonstrations (`vlatune sim synth`) and as the `scripted` policy
+of `vlatune eval`. It reads the simulator, so it is not a learned policy and
 its success rate says nothing about one.
 
     >>> expert = ScriptedExpert(env)        # env: vlatune.sim.env.LiberoEnv
@@ -61,6 +62,13 @@ class ExpertParams:
     # height until within `tolerance` of the spot, then lower (a jump from ~0 to full speed down
     # that a learned policy must time from pixels: it learned to hover there, issue 19).
     descend_radius: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.descend_radius < 0 or self.noise < 0:
+            raise ValueError(
+                f"ExpertParams: descend_radius ({self.descend_radius}) and noise ({self.noise}) "
+                "must be >= 0 (0 turns each off)"
+            )
 
 
 def object_z_extent(sim_env, name: str) -> tuple[float, float]:
