@@ -94,8 +94,9 @@ def test_demo_artifacts(demo_dir):
     assert task["expert_success_rate"] == 2 / task["tried"]
     # the expert's settings travel with the recording, and the report states them
     assert synth["expert"]["noise"] == 0.2 and synth["expert"]["descend_radius"] == 0.06
+    assert synth["expert"]["grasp_noise_scale"] == 1.0
     md = (demo_dir / "report.md").read_text()
-    assert "DART noise 0.2, carry-and-lower funnel 6 cm" in md
+    assert "DART noise 0.2, carry-and-lower funnel 6 cm" in md and "while descending" not in md
     info = json.loads((demo_dir / "data/lerobot/meta/info.json").read_text())
     assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2
     with open_dataset(demo_dir / "data" / "lerobot") as reader:
@@ -180,3 +181,14 @@ def test_report_in_headless_browser(demo_dir):
         browser.close()
     assert not errors, errors
     assert playing
+
+
+def test_expert_text_states_the_recordings_settings():
+    from vlatune.demo import expert_text
+
+    assert expert_text(None) == "expert settings not recorded"
+    assert expert_text({"noise": 0.0}) == "DART noise 0, carry, then lower"
+    scaled = {"noise": 0.2, "descend_radius": 0.06, "grasp_noise_scale": 0.5}
+    assert expert_text(scaled) == (
+        "DART noise 0.2, carry-and-lower funnel 6 cm, noise x0.5 while descending to grasp"
+    )

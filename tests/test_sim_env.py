@@ -103,8 +103,9 @@ def test_expert_succeeds_and_synth_records_replayable_upright_consistent_demos(t
 
 
 def test_sim_synth_cli_records_with_the_funnel_expert(tmp_path):
-    """`vlatune sim synth --descend-radius 0.06` records what the demo records (its settings in
-    synth_report.json), and the demo replays successfully."""
+    """`vlatune sim synth --descend-radius 0.06 --grasp-noise-scale 0` records with the demo's
+    expert (its settings in synth_report.json; noise needs --init sampled), and the demo
+    replays successfully."""
     import json
 
     from tests.conftest import run_cli
@@ -113,11 +114,13 @@ def test_sim_synth_cli_records_with_the_funnel_expert(tmp_path):
     out = tmp_path / "demos"
     r = run_cli(
         "sim", "synth", "--suite", "libero_object", "--tasks", "0", "--episodes", "1",
-        "--first-init", "2", "--resolution", "64", "--descend-radius", "0.06", "--out", str(out),
+        "--first-init", "2", "--resolution", "64", "--descend-radius", "0.06",
+        "--grasp-noise-scale", "0", "--out", str(out),
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = json.loads((out / "synth_report.json").read_text())
     assert report["expert"]["descend_radius"] == 0.06 and report["episodes"] == 1
+    assert report["expert"]["grasp_noise_scale"] == 0.0
     spec = EvalSpec(policy=f"replay:{out}", tasks=[0], trials=1, first_init=2, video="none",
                     out=tmp_path / "eval")  # fmt: skip
     assert evaluate(spec)["overall"]["successes"] == 1
@@ -143,10 +146,15 @@ def test_negative_expert_settings_are_refused_with_their_names():
         ExpertParams(descend_radius=-0.05)
     with pytest.raises(ValueError, match=r"noise \(-0.1\)"):
         ExpertParams(noise=-0.1)
+    with pytest.raises(ValueError, match=r"grasp_noise_scale \(-0.5\) must be >= 0"):
+        ExpertParams(grasp_noise_scale=-0.5)
     r = run_cli("sim", "synth", "--descend-radius", "-1", "--out", "never_written")
     assert (
         r.returncode == 2 and "--descend-radius" in r.stderr and ">=0" in r.stderr.replace(" ", "")
     )
+    r = run_cli("sim", "synth", "--grasp-noise-scale", "-1", "--out", "never_written")
+    assert r.returncode == 2 and "--grasp-noise-scale" in r.stderr
+    assert ">=0" in r.stderr.replace(" ", "")
 
 
 def test_expert_funnel_lowers_while_closing_in_without_a_jump(env):
@@ -181,6 +189,44 @@ def test_expert_funnel_lowers_while_closing_in_without_a_jump(env):
     assert "lower" in phases0 and "lower" not in phases  # one phase carries and lowers
     assert jump0 > 0.8 and jump < 0.3  # old: ~0 then -1 at the switch; funnel: smooth
     assert released_at < 0.02 and steps < steps0
+
+
+def test_expert_grasps_without_noise_when_grasp_noise_scale_is_0(env):
+    """DART noise of 0.2 (~1 cm a step) makes the close criterion (within 8 mm of the grasp point)
+    a wait: the expert hovers and closes wherever noise lets it. With grasp_noise_scale 0 the
+    descend and close phases run clean: a short descent, a close within the tolerance of the
+    grasp point, the noise back on for the lift. (Measured: a policy learns worse from such
+    demonstrations, docs/demo.md; the demo keeps 1.)"""
+    from vlatune.sim.expert import ExpertParams, ScriptedExpert
+
+    def run(scale):
+        expert = ScriptedExpert(env, ExpertParams(noise=0.2, grasp_noise_scale=scale))
+        env.reset(2)
+        rng = np.random.default_rng(0)
+        stds: dict[str, set] = {}
+        descend, offset = 0, None
+        for _ in range(env.max_steps):
+            phase = expert.phase
+            a = expert.act()
+            stds.setdefault(phase, set()).add(expert.noise_std())
+            if phase == "descend":
+                descend += 1
+                if expert.phase == "close":
+                    grasp = expert._pos(expert.obj) + np.array(
+                        [*expert._xy_offset, expert._grasp_offset]
+                    )
+                    offset = float(np.linalg.norm(env.last_raw["robot0_eef_pos"] - grasp))
+            a[:3] = np.clip(a[:3] + expert.noise_std() * rng.normal(0.0, 1.0, 3), -1, 1)
+            _, success, _ = env.step(a)
+            if success:
+                break
+        return success, descend, offset, stds
+
+    ok, descend, offset, stds = run(0.0)
+    assert ok and stds["descend"] == stds["close"] == {0.0} and stds["lift"] == {0.2}
+    assert descend <= 20 and offset < ExpertParams().tolerance
+    _, descend1, _, stds1 = run(1.0)
+    assert stds1["descend"] == {0.2} and descend1 > descend  # noisy: waits for the 8 mm
 
 
 def test_separation_of_footprints():

@@ -471,6 +471,14 @@ def sim_check(suite: str, task_id: int, resolution: int, out_dir: Path) -> None:
     "above the target and releases within a third of it (the demo records with 0.06); 0: carry "
     "at height, then lower.",
 )
+@click.option(
+    "--grasp-noise-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0),
+    help="For --noise: the multiple of it applied while the expert descends to the grasp and "
+    "closes (the demo records with 1; 0 and 0.5 made worse policies, see docs/demo.md).",
+)
 def sim_synth(
     suite: str,
     tasks: str,
@@ -483,6 +491,7 @@ def sim_synth(
     cameras: str,
     noise: float,
     descend_radius: float,
+    grasp_noise_scale: float,
 ) -> None:
     """Record scripted-expert demonstrations as LIBERO HDF5 (raw orientation, env gripper)."""
     from vlatune.progress import Progress
@@ -502,7 +511,9 @@ def sim_synth(
                 resolution,
                 cameras=tuple(c.strip() for c in cameras.split(",")),
                 workers=workers,
-                params=ExpertParams(noise=noise, descend_radius=descend_radius),
+                params=ExpertParams(
+                    noise=noise, descend_radius=descend_radius, grasp_noise_scale=grasp_noise_scale
+                ),
                 progress=lambda k, n: bar.set(k, tried=n),
             )
         else:
@@ -513,7 +524,9 @@ def sim_synth(
                 out_dir,
                 resolution,
                 first_init,
-                params=ExpertParams(descend_radius=descend_radius),
+                params=ExpertParams(
+                    descend_radius=descend_radius, grasp_noise_scale=grasp_noise_scale
+                ),
                 progress=lambda k, n: bar.set(k, tried=n),
             )
     table = Table("task", "kept", "tried", "expert success", "mean steps")

@@ -57,8 +57,11 @@ def expert_text(params: dict | None) -> str:
     if params is None:  # recorded before synth reports kept the settings
         return "expert settings not recorded"
     funnel = params.get("descend_radius", 0.0)
-    return f"DART noise {params.get('noise', 0.0):g}, " + (
-        f"carry-and-lower funnel {funnel * 100:g} cm" if funnel else "carry, then lower"
+    scale = params.get("grasp_noise_scale", 1.0)
+    return (
+        f"DART noise {params.get('noise', 0.0):g}, "
+        + (f"carry-and-lower funnel {funnel * 100:g} cm" if funnel else "carry, then lower")
+        + (f", noise x{scale:g} while descending to grasp" if scale != 1.0 else "")
     )
 
 
@@ -72,6 +75,7 @@ def run_demo(
     workers: int = 2,
     noise: float = 0.2,
     descend_radius: float = 0.06,
+    grasp_noise_scale: float = 1.0,
     seed: int = 0,
     config: Path | None = None,
     overrides: list[str] | None = None,
@@ -126,7 +130,9 @@ def run_demo(
             resolution=cfg.eval.resolution,
             cameras=tuple(cfg.data.cameras),
             workers=workers,
-            params=ExpertParams(noise=noise, descend_radius=descend_radius),
+            params=ExpertParams(
+                noise=noise, descend_radius=descend_radius, grasp_noise_scale=grasp_noise_scale
+            ),
             seed=seed,
             progress=lambda k, n: say(f"      {k}/{episodes} kept ({n} tried)"),
         )

@@ -80,8 +80,9 @@ def record_replay(
         sim_states.append(env.sim.sim.get_state().flatten())
         robot_states.append(_robot_states(raw))
         if noise > 0:  # DART: execute a perturbed action, record the clean one
+            std = expert.noise_std()  # the expert's phase may scale it (grasp_noise_scale)
             a = np.asarray(a, dtype=np.float64).copy()
-            a[:3] = np.clip(a[:3] + rng.normal(0.0, noise, 3), -1.0, 1.0)
+            a[:3] = np.clip(a[:3] + std * rng.normal(0.0, 1.0, 3), -1.0, 1.0)
         _, success, _ = env.step(a)
         if success and actions is None:
             break
