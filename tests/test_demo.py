@@ -192,3 +192,26 @@ def test_expert_text_states_the_recordings_settings():
     assert expert_text(scaled) == (
         "DART noise 0.2, carry-and-lower funnel 6 cm, noise x0.5 while descending to grasp"
     )
+
+
+def test_cli_demo_defaults_are_run_demos():
+    """`vlatune demo` (what `make demo` runs) and `run_demo` (what benchmarks/demo_margin.py
+    measures) keep the same defaults, so the measured recipe is the one a new user gets: 60
+    demonstrations since session 13 (45 fell short of issue 19's bar on recording seed 1)."""
+    import inspect
+
+    from vlatune.cli import demo
+    from vlatune.demo import run_demo
+
+    cli_defaults = {p.name: p.default for p in demo.params}
+    names = {"task_id": "task", "record_seed": "seed", "out_dir": None, "config_file": "config"}
+    sig = inspect.signature(run_demo).parameters
+    compared = []
+    for name, value in cli_defaults.items():
+        arg = names.get(name, name)
+        if arg is None or arg == "overrides":
+            continue
+        assert sig[arg].default == value, f"--{name}: CLI {value!r}, run_demo {sig[arg].default!r}"
+        compared.append(arg)
+    assert sig["episodes"].default == 60
+    assert {"episodes", "trials", "workers", "noise", "seed", "minutes"} <= set(compared)

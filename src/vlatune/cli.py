@@ -893,7 +893,7 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 @click.option(
     "--task", "task_id", default=0, show_default=True, type=int, help="Task index in the suite."
 )
-@click.option("--episodes", default=45, show_default=True, type=int, help="Demonstrations.")
+@click.option("--episodes", default=60, show_default=True, type=int, help="Demonstrations.")
 @click.option(
     "--minutes",
     default=None,
