@@ -21,16 +21,16 @@ Each stage reuses what a previous run with the same `--out` finished (data, conv
 resumes from its last checkpoint; the evaluation of each checkpoint has its own folder.
 
 Defaults are sized so the whole demo takes about 30 minutes on 2 quiet CPU cores (set-up about
-1.5 more from nothing), measured 29.6-29.7: recording 60 demonstrations 12.7-14.0 min (61-64
+1.5 more from nothing), measured 28.8-29.7: recording 60 demonstrations 12.5-14.0 min (61-64
 tried; about 13 s each with 2 processes, rendering two cameras dominates), conversion 0.7,
 training 13-14 (2,400 steps of 32 samples at 90-99 samples/s; slower machines train at 70),
 evaluation 2 (20 trials in 2 processes; only 4 trials are filmed, the others render just the
 frames the policy sees). The expert carries and lowers in one motion (`descend_radius`, a funnel
 over the basket): the old hover-then-drop was learned as a hover. 60 demonstrations rather than
 45 (more of DART's recoveries around the grasp, which is what the policy lacked): at 60, 80 and
-100% of the steps, recording seed 0 20/20, 19/20, 20/20 and seed 1 17/20, 18/20, 18/20 (with 45:
-20, 20, 18 and 14, 15, 17), issue 19's >= 16/20 at each; see docs/demo.md and
-benchmarks/demo_margin.py.
+100% of the steps, recording seed 0 20/20, 19/20, 20/20, seed 1 17/20, 18/20, 18/20 (with 45:
+20, 20, 18 and 14, 15, 17) and seed 2 19/20, 20/20, 19/20: issue 19's >= 16/20 at each; see
+docs/demo.md and benchmarks/demo_margin.py.
 """
 
 from __future__ import annotations
