@@ -340,3 +340,36 @@ def test_expert_pinches_a_bowl_on_the_side_nearest_the_robot():
         assert success
     finally:
         env.close()
+
+
+def test_msaa_0_renders_without_anti_aliasing_and_survives_a_hard_reset():
+    """`msaa=0` (what the demo records with) renders the same scene with aliased edges and
+    leaves the physics alone; a hard reset builds a new render context and keeps the setting;
+    `msaa=None` is LIBERO's 4x, pixel for pixel."""
+    from vlatune.sim.env import LiberoEnv
+
+    envs = {
+        "libero": LiberoEnv("libero_object", 0, resolution=64),
+        "none": LiberoEnv("libero_object", 0, resolution=64, msaa=None),
+        "off": LiberoEnv("libero_object", 0, resolution=64, msaa=0),
+    }
+    try:
+        obs = {}
+        for name, env in envs.items():
+            env.reset(2)
+            obs[name] = env.reset(2)  # the second hard reset: a new simulator and context
+            assert env.sim.sim._render_context_offscreen.con.offSamples == (
+                0 if name == "off" else 4
+            )
+        for cam in ("agentview", "wrist"):
+            ref, off = obs["libero"]["images"][cam], obs["off"]["images"][cam]
+            np.testing.assert_array_equal(obs["none"]["images"][cam], ref)
+            differ = (np.abs(off.astype(int) - ref.astype(int)).max(-1) > 0).mean()
+            assert 0.01 < differ < 0.5, differ  # edges, not the picture
+            assert np.abs(off.astype(int) - ref.astype(int)).mean() < 5
+        np.testing.assert_array_equal(obs["off"]["state"], obs["libero"]["state"])
+    finally:
+        for env in envs.values():
+            env.close()
+    with pytest.raises(ValueError, match="msaa must be None or >= 0"):
+        LiberoEnv("libero_object", 0, resolution=64, msaa=-1)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ def expert_text(params: dict | None) -> str:
 def run_demo(
     out: Path,
     suite: str = "libero_object",
-    task: int = 0,
+    task: int | Sequence[int] = 0,
     episodes: int = 60,
     minutes: float | None = None,
     trials: int = 20,
@@ -78,6 +78,7 @@ def run_demo(
     noise: float = 0.2,
     descend_radius: float = 0.06,
     grasp_noise_scale: float = 1.0,
+    msaa: int | None = 0,
     seed: int = 0,
     config: Path | None = None,
     overrides: list[str] | None = None,
@@ -97,6 +98,8 @@ def run_demo(
     from vlatune.train.trainer import train
 
     out = Path(out)
+    tasks = [task] if isinstance(task, int) else list(task)
+    what = f"{suite} task{'s' if len(tasks) > 1 else ''} {', '.join(map(str, tasks))}"
     out.mkdir(parents=True, exist_ok=True)
     config = Path(config) if config else default_config()
     hdf5_dir, lerobot_dir, run_dir = (
@@ -122,11 +125,14 @@ def run_demo(
     reused: set[str] = set()  # stages whose output was already there (report: "reused")
     if (hdf5_dir / "synth_report.json").is_file():
         reused.add("demonstrations")
+        check_reuse(hdf5_dir / "synth_report.json", suite, tasks, episodes)
     else:
-        say(f"[1/5] recording {episodes} scripted demonstrations of {suite} task {task} ...")
+        n = episodes * len(tasks)
+        each = " each" if len(tasks) > 1 else ""
+        say(f"[1/5] recording {episodes} scripted demonstrations{each} of {what} ...")
         synthesize_sampled(
             suite,
-            task,
+            tasks,
             episodes,
             hdf5_dir,
             resolution=cfg.eval.resolution,
@@ -136,14 +142,16 @@ def run_demo(
                 noise=noise, descend_radius=descend_radius, grasp_noise_scale=grasp_noise_scale
             ),
             seed=seed,
-            progress=lambda k, n: say(f"      {k}/{episodes} kept ({n} tried)"),
+            msaa=msaa,
+            progress=lambda k, tried: say(f"      {k}/{n} kept ({tried} tried)"),
         )
     synth = json.loads((hdf5_dir / "synth_report.json").read_text())
     timings["demonstrations_s"] = round(time.perf_counter() - t0, 1)
-    (task_report,) = synth["tasks"].values()
+    tried = sum(t["tried"] for t in synth["tasks"].values())
+    solved = sum(t["solved"] for t in synth["tasks"].values())
     say(
-        f"      {synth['episodes']} demonstrations ({task_report['tried']} tried, expert success "
-        f"{task_report['expert_success_rate']:.0%})"
+        f"      {synth['episodes']} demonstrations ({tried} tried, expert success "
+        f"{solved / tried:.0%})"
     )
 
     # 2. LeRobot v2.1 copy
@@ -182,14 +190,15 @@ def run_demo(
         say(f"      no loss curve: {e}")
 
     # 4. evaluation on held-out init states
-    say(f"[4/5] evaluating on {trials} held-out init states ({workers} workers) ...")
+    each = " of each task" if len(tasks) > 1 else ""
+    say(f"[4/5] evaluating on {trials} held-out init states{each} ({workers} workers) ...")
     t0 = time.perf_counter()
     eval_dir = out / "eval" / checkpoint.name
     spec = EvalSpec.from_config(
         cfg.eval,
         policy=str(checkpoint),
         suite=suite,
-        tasks=[task],
+        tasks=tasks,
         trials=trials,
         first_init=0,
         workers=workers,
@@ -197,18 +206,23 @@ def run_demo(
     )
     result = evaluate(
         spec,
-        progress=lambda r, k, n: say(f"      [{k}/{n}] init {r['init_index']}: {outcome(r)}"),
+        progress=lambda r, k, n: say(
+            f"      [{k}/{n}] {'task ' + str(r['task_id']) + ' ' if len(tasks) > 1 else ''}"
+            f"init {r['init_index']}: {outcome(r)}"
+        ),
         warn=lambda text: say(f"      warning: {text}"),
     )
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
 
     # 5. report
     dataset = {
-        "task": f"{suite} task {task}: {task_report['instruction']}",
-        "demonstrations": f"{synth['episodes']} (scripted expert, sampled initial states, "
-        + expert_text(synth.get("expert"))
-        + ")",
+        "task" + ("s" if len(tasks) > 1 else ""): "; ".join(
+            f"{suite} task {t['task_id']}: {t['instruction']}" for t in synth["tasks"].values()
+        ),
+        "demonstrations": f"{synth['episodes']} ({episodes_text(synth)}scripted expert, "
+        "sampled initial states, " + expert_text(synth.get("expert")) + ")",
         "frames": info["frames"],
+        "rendered": render_text(synth.get("msaa")),
         "format trained on": f"{info['format']} ({lerobot_dir})",
         "cameras": ", ".join(cfg.data.cameras),
         "image orientation / gripper": f"{info['image_orientation']} / {info['gripper']}",
@@ -227,6 +241,17 @@ def run_demo(
         out, dataset, training, eval_dir, loss_png, note=note, lr_png=lr_png
     )
     overall = result["overall"]
+    per_task = [
+        {
+            "task_id": r["task_id"],
+            "instruction": r["instruction"],
+            "successes": r["successes"],
+            "trials": r["trials"],
+            "success_rate": r["success_rate"],
+            "ci95": [r["ci95_low"], r["ci95_high"]],
+        }
+        for r in result["tasks"]
+    ]
     record = {
         "note": note,  # first: a result short of the recipe says so before anything else
         "success_rate": overall["success_rate"],
@@ -236,6 +261,7 @@ def run_demo(
         "failures": overall["failures"],
         "errors": overall["errors"],
         "success_rate_finished": overall["success_rate_finished"],
+        "tasks": per_task,
         "fallbacks": fallback_text(overall),
         "counting_rule": COUNTING_RULE,
         "steps": summary["steps"],
@@ -250,11 +276,48 @@ def run_demo(
     write_json(out / "demo_summary.json", record)
     if note:
         say(f"[5/5] {note}")
+    if len(tasks) > 1:
+        for r in result["tasks"]:
+            say(f"      task {r['task_id']} ({r['instruction']}): {headline(r)}")
     say(
         f"{'      ' if note else '[5/5] '}success {headline(overall)}; "
         f"report: {html_path} (and {md_path.name})"
     )
     return record
+
+
+def check_reuse(report: Path, suite: str, tasks: list[int], episodes: int) -> None:
+    """A recording already in the output folder is reused only when it is the one asked for."""
+    synth = json.loads(report.read_text())
+    have = [t["task_id"] for t in synth["tasks"].values()]
+    kept = {t["kept"] for t in synth["tasks"].values()}
+    if synth.get("suite") != suite or sorted(have) != sorted(tasks) or kept != {episodes}:
+        raise ValueError(
+            f"{report} holds {sorted(kept)} demonstrations of {synth.get('suite')} tasks {have}, "
+            f"not the {episodes} of {suite} tasks {tasks} asked for: choose another --out (or "
+            "delete that folder to record anew)"
+        )
+
+
+def render_text(msaa: int | None) -> str:
+    """How the recording's frames were rendered (evaluation always renders as LIBERO does)."""
+    if msaa is None:
+        return "as LIBERO renders (4x anti-aliasing), like the evaluation"
+    return (
+        f"{msaa}x anti-aliasing (cheaper on a CPU); the evaluation renders as LIBERO does (4x)"
+        if msaa
+        else "without anti-aliasing (about 40% less render time on a CPU); the evaluation "
+        "renders as LIBERO does (4x)"
+    )
+
+
+def episodes_text(synth: dict[str, Any]) -> str:
+    """'20 per task x 3, ' for a recording of several tasks; '' for one."""
+    rows = list(synth["tasks"].values())
+    if len(rows) < 2:
+        return ""
+    kept = sorted({t["kept"] for t in rows})
+    return f"{'/'.join(map(str, kept))} per task x {len(rows)}, "
 
 
 def shortfall_note(steps: int, recipe_steps: int, minutes: float | None) -> str | None:

@@ -212,19 +212,60 @@ def synthesize(
     return report
 
 
+def _record_task(pool, workers, setting, episodes, first_seed, tick):
+    """One task's successful demonstrations, seeds first_seed, first_seed + 1, ... in the pool's
+    workers (`setting`: suite, task, resolution, cameras, msaa, expert params): (kept sorted by
+    seed, tried, solved)."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    kept: list[tuple[int, Episode]] = []
+    tried, solved, next_seed = 0, 0, first_seed
+    limit = 3 * episodes + 10  # attempts before giving up on an expert that rarely succeeds
+    # one job per seed, at most one per worker and never more than the successes still needed:
+    # nothing is recorded after the last one needed came in
+    running: set = set()
+    while len(kept) < episodes and (running or next_seed - first_seed < limit):
+        while (
+            len(running) < workers
+            and len(kept) + len(running) < episodes
+            and next_seed - first_seed < limit
+        ):
+            job = (*setting[:5], [next_seed], setting[5])
+            running.add(pool.submit(_sampled_worker, job))
+            next_seed += 1
+        finished, running = wait(running, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            for s, ok, ep in fut.result():
+                tried += 1
+                solved += int(ok)
+                if ok and len(kept) < episodes:
+                    kept.append((s, ep))
+                tick(len(kept), tried)
+    for fut in running:  # started before the last success came in: not needed
+        fut.cancel()
+    kept.sort(key=lambda x: x[0])
+    return kept, tried, solved
+
+
 _WORKER_ENVS: dict[tuple, LiberoEnv] = {}  # per worker process: environments are slow to build
 
 
 def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
     """In a worker process: record the expert from the sampled initial state of each seed."""
-    suite, task_id, seeds, resolution, cameras, params = job
-    key = (suite, task_id, resolution, cameras)
+    suite, task_id, resolution, cameras, msaa, seeds, params = job
+    key = (suite, task_id, resolution, cameras, msaa)
     if key not in _WORKER_ENVS:
         from vlatune.sim.render import one_render_thread
 
         one_render_thread()
         _WORKER_ENVS[key] = LiberoEnv(
-            suite, task_id, resolution=resolution, cameras=cameras, render=True, hard_reset=False
+            suite,
+            task_id,
+            resolution=resolution,
+            cameras=cameras,
+            render=True,
+            hard_reset=False,
+            msaa=msaa,
         )
     env = _WORKER_ENVS[key]
     out = []
@@ -238,7 +279,7 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
 
 def synthesize_sampled(
     suite: str,
-    task_id: int,
+    task_id: int | Sequence[int],
     episodes: int,
     out: str | Path,
     resolution: int = 128,
@@ -247,85 +288,84 @@ def synthesize_sampled(
     seed: int = 0,
     params: ExpertParams | None = None,
     progress: Callable[[int, int], None] | None = None,
+    msaa: int | None = None,
 ) -> dict[str, Any]:
-    """`episodes` successful expert demonstrations of one task from *sampled* initial states
-    (seeds seed*10000 + k), recorded directly while the expert acts, in `workers` processes.
-    None of LIBERO's 50 fixed init states is used, so all of them stay held out for evaluation.
-    Each demo stores its initial MuJoCo state (`init_state`) and seed."""
+    """`episodes` successful expert demonstrations of each task (one index or several) from
+    *sampled* initial states, recorded directly while the expert acts, in `workers` processes.
+    The i-th task listed uses seeds seed*10000 + i*1000 + k (so one task's recording does not
+    depend on the tasks beside it, and a single task's is what it always was). None of LIBERO's
+    50 fixed init states is used, so all of them stay held out for evaluation. Each demo stores
+    its initial MuJoCo state (`init_state`) and seed. `progress(kept, tried)` counts over all
+    tasks. `msaa`: the renderer's anti-aliasing samples (`LiberoEnv`; None: LIBERO's 4x)."""
     import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import ProcessPoolExecutor
 
     out = Path(out)
+    task_ids = [task_id] if isinstance(task_id, int) else list(task_id)
     if out.exists():
         raise DataError(
             "destination already exists; choose a new folder (nothing was written)", file=out
         )
     if episodes < 1:
         raise ValueError(f"episodes must be at least 1, got {episodes}")
+    if not task_ids or len(set(task_ids)) != len(task_ids):
+        raise ValueError(f"tasks must be distinct task indices, at least one; got {task_ids}")
     t_start = time.perf_counter()
-    kept: list[tuple[int, Episode]] = []
-    tried, solved, next_seed = 0, 0, seed * 10_000
     workers = max(1, workers)
-    limit = 3 * episodes + 10  # attempts before giving up on an expert that rarely succeeds
+    counts = [0, 0]  # kept, tried over all tasks, for `progress`
+
+    def tick(kept: int, tried: int) -> None:
+        if progress is not None:
+            progress(counts[0] + kept, counts[1] + tried)
+
     ctx = mp.get_context("forkserver")
+    task_reports: dict[str, Any] = {}
     with atomic_dir(out, overwrite=False) as tmp:
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            # one job per seed, at most one per worker and never more than the successes still
-            # needed: nothing is recorded after the last one needed came in
-            running: set = set()
-            while len(kept) < episodes and (running or next_seed - seed * 10_000 < limit):
-                while (
-                    len(running) < workers
-                    and len(kept) + len(running) < episodes
-                    and next_seed - seed * 10_000 < limit
-                ):
-                    job = (suite, task_id, [next_seed], resolution, tuple(cameras), params)
-                    running.add(pool.submit(_sampled_worker, job))
-                    next_seed += 1
-                finished, running = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    for s, ok, ep in fut.result():
-                        tried += 1
-                        solved += int(ok)
-                        if ok and len(kept) < episodes:
-                            kept.append((s, ep))
-                        if progress is not None:
-                            progress(len(kept), tried)
-            for fut in running:  # started before the last success came in: not needed
-                fut.cancel()
-        kept.sort(key=lambda x: x[0])
-        env_probe = get_task(suite, task_id)
         writer = LiberoHDF5Writer(tmp, image_orientation="raw")
-        writer.file_attrs[env_probe.name] = task_file_attrs(
-            env_probe, "Libero_Tabletop_Manipulation"
-        )
-        for _, ep in kept:
-            writer.add(ep)
-        writer.close()
-        report = {
-            "suite": suite,
-            "resolution": resolution,
-            "cameras": list(cameras),
-            "init": "sampled",
-            "expert": dataclasses.asdict(params or ExpertParams()),  # what recorded these demos
-            "tasks": {
-                env_probe.name: {
-                    "task_id": task_id,
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for i, tid in enumerate(task_ids):
+                first = seed * 10_000 + i * 1_000
+                kept, tried, solved = _record_task(
+                    pool, workers, (suite, tid, resolution, tuple(cameras), msaa, params),
+                    episodes, first, tick,
+                )  # fmt: skip
+                counts[0] += len(kept)
+                counts[1] += tried
+                env_probe = get_task(suite, tid)
+                writer.file_attrs[env_probe.name] = task_file_attrs(
+                    env_probe, "Libero_Tabletop_Manipulation"
+                )
+                for _, ep in kept:
+                    writer.add(ep)
+                if not kept:
+                    writer.close()
+                    raise DataError(
+                        f"the scripted expert solved none of {tried} sampled initial states of "
+                        f"{suite} task {tid}",
+                        file=out,
+                    )
+                task_reports[env_probe.name] = {
+                    "task_id": tid,
                     "instruction": env_probe.instruction,
                     "kept": len(kept),
                     "tried": tried,
                     "solved": solved,
                     "expert_success_rate": solved / tried if tried else 0.0,
                     "init_seeds": [s for s, _ in kept],
-                    "mean_steps": float(np.mean([ep.length for _, ep in kept])) if kept else None,
+                    "mean_steps": float(np.mean([ep.length for _, ep in kept])),
                 }
-            },
-            "episodes": len(kept),
+        writer.close()
+        report = {
+            "suite": suite,
+            "resolution": resolution,
+            "cameras": list(cameras),
+            # offscreen anti-aliasing samples; null: the model's own (MuJoCo's 4, as LIBERO)
+            "msaa": msaa,
+            "init": "sampled",
+            "expert": dataclasses.asdict(params or ExpertParams()),  # what recorded these demos
+            "tasks": task_reports,
+            "episodes": counts[0],
             "seconds": round(time.perf_counter() - t_start, 1),
         }
-        if not kept:
-            raise DataError(
-                f"the scripted expert solved none of {tried} sampled initial states", file=out
-            )
         (tmp / "synth_report.json").write_text(json.dumps(report, indent=2))
     return report
