@@ -97,9 +97,9 @@ def test_demo_artifacts(demo_dir):
     assert synth["expert"]["grasp_noise_scale"] == 1.0
     md = (demo_dir / "report.md").read_text()
     assert "DART noise 0.2, carry-and-lower funnel 6 cm" in md and "while descending" not in md
-    # recorded without anti-aliasing (the CPU's render time), evaluated as LIBERO renders
-    assert synth["msaa"] == 0
-    assert "without anti-aliasing" in md and "the evaluation renders as LIBERO does (4x)" in md
+    # rendered as LIBERO renders (--msaa 0, cheaper, is opt-in), and the report says so
+    assert synth["msaa"] is None
+    assert "as LIBERO renders (4x anti-aliasing), like the evaluation" in md
     info = json.loads((demo_dir / "data/lerobot/meta/info.json").read_text())
     assert info["codebase_version"] == "v2.1" and info["total_episodes"] == 2
     with open_dataset(demo_dir / "data" / "lerobot") as reader:
@@ -223,12 +223,13 @@ def test_cli_demo_defaults_are_run_demos():
 
 
 def test_demo_on_several_tasks(tmp_path):
-    """`vlatune demo --tasks 0,1`: one policy, both tasks recorded into one dataset (disjoint
-    sampled seeds per task), each task evaluated and its rate reported; a rerun asking for
-    other tasks in the same folder refuses to reuse that recording."""
+    """`vlatune demo --tasks 0,1 --msaa 0`: one policy, both tasks recorded (without
+    anti-aliasing) into one dataset (disjoint sampled seeds per task), each task evaluated and
+    its rate reported; a rerun asking for other tasks in the same folder refuses to reuse that
+    recording."""
     out = tmp_path / "demo"
     r = run_cli(
-        "demo", "--tasks", "0,1", "--episodes", "1", "--trials", "1", "--workers", "2",
+        "demo", "--tasks", "0,1", "--episodes", "1", "--trials", "1", "--workers", "2", "--msaa", "0",
         "--out", str(out), "train.max_steps=10", "train.save_every=10", "train.val_every=10",
         "eval.max_steps=30", "data.batch_size=8", "eval.video_trials=0",
         env={"VLATUNE_PROGRESS_INTERVAL": "0"},
@@ -247,7 +248,11 @@ def test_demo_on_several_tasks(tmp_path):
     assert all(t["trials"] == 1 for t in summary["tasks"]) and summary["trials"] == 2
     for t in summary["tasks"]:  # each task's rate, on the console too
         assert f"task {t['task_id']} ({t['instruction']}): {t['successes']}/1 " in text
-    assert "2 (1 per task x 2, scripted expert" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "2 (1 per task x 2, scripted expert" in md
+    # --msaa 0: recorded without anti-aliasing, evaluated as LIBERO renders; the report says so
+    assert synth["msaa"] == 0
+    assert "without anti-aliasing" in md and "the evaluation renders as LIBERO does (4x)" in md
     # the same folder, other tasks: a clear refusal, nothing trained on the wrong data
     again = run_cli("demo", "--task", "2", "--out", str(out), timeout=300)
     assert again.returncode == 1

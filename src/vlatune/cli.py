@@ -929,11 +929,11 @@ def train(config_file: Path, overrides: tuple[str, ...], no_progress: bool) -> N
 )
 @click.option(
     "--msaa",
-    default=0,
-    show_default=True,
+    default=None,
     type=click.IntRange(min=0),
-    help="Anti-aliasing samples when recording (0: none, about 40% less render time on a CPU; "
-    "4: as LIBERO renders). The evaluation always renders as LIBERO does.",
+    help="Anti-aliasing samples when recording (default: LIBERO's 4; 0: none, about 40% less "
+    "render time on a CPU, but a lower rate on recording seed 1, see docs/demo.md). The "
+    "evaluation always renders as LIBERO does.",
 )
 @click.option(
     "--seed",

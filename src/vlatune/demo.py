@@ -78,7 +78,7 @@ def run_demo(
     noise: float = 0.2,
     descend_radius: float = 0.06,
     grasp_noise_scale: float = 1.0,
-    msaa: int | None = 0,
+    msaa: int | None = None,
     seed: int = 0,
     config: Path | None = None,
     overrides: list[str] | None = None,
