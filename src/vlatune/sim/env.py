@@ -96,8 +96,9 @@ class LiberoEnv:
 
         `msaa`: samples of the offscreen multisample anti-aliasing. None keeps the model's
         setting (MuJoCo's 4, what LIBERO's images and every evaluation here use); 0 renders
-        without anti-aliasing, about 40% less render time on a CPU, edges aliased (about 14% of the
-        pixels of a 128-px image differ, mean 1.7 of 255): what the CPU demo records with."""
+        without it, about 40% less render time on a CPU, edges aliased (about 14% of the pixels
+        of a 128-px image differ, mean 1.7 of 255): `vlatune demo --msaa 0`, opt-in (a policy
+        trained on such frames kept less margin, docs/demo.md)."""
         if msaa is not None and msaa < 0:
             raise ValueError(f"msaa must be None or >= 0 samples, got {msaa}")
         unknown = [c for c in cameras if c not in CAMERAS]
