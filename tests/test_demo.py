@@ -92,6 +92,9 @@ def test_demo_artifacts(demo_dir):
     # nothing recorded beyond what was needed: every success is kept, failures are counted
     assert task["kept"] == task["solved"] == 2 and task["tried"] >= 2
     assert task["expert_success_rate"] == 2 / task["tried"]
+    # every camera image culled what it could not see (libero_object: no mirror, no shadow)
+    culling = task["frustum_culling"]
+    assert culling["culled"] == culling["renders"] > 0 and culling["geoms_hidden"] > 0, culling
     # the expert's settings travel with the recording, and the report states them
     assert synth["expert"]["noise"] == 0.2 and synth["expert"]["descend_radius"] == 0.06
     assert synth["expert"]["grasp_noise_scale"] == 1.0

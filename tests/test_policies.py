@@ -61,9 +61,13 @@ def observation(seed: int = 0) -> dict:
     }
 
 
-@pytest.mark.parametrize("head", ["l1", "diffusion", "flow"])
+@pytest.mark.parametrize("head", ["l1", "l1:per_step", "diffusion", "flow"])
 def test_head_learns_predicts_and_round_trips(head, tmp_path):
-    policy = make_policy(head)
+    head, _, queries = head.partition(":")
+    heads = {"mlp_dim": 32, "expert_dim": 32, "expert_layers": 1}
+    policy = make_policy(head, heads={**heads, "queries": queries} if queries else heads)
+    if head == "l1":  # OFT's H x A query tokens, or one per timestep
+        assert policy.head.query.shape[0] == (4 if queries == "per_step" else 4 * 7)
     batch = fixed_batch()
     opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
     losses = []
@@ -95,6 +99,8 @@ def test_head_learns_predicts_and_round_trips(head, tmp_path):
     assert saved["conventions"]["gripper"] == "-1_open"
     assert saved["conventions"]["image_orientation"] == "upright"
     assert saved["spec"]["horizon"] == 4
+    if queries:
+        assert loaded.head.query.shape == policy.head.query.shape
 
 
 def test_padding_mask_removes_loss():

@@ -386,3 +386,31 @@ def test_sim_synth_msaa_is_refused_for_fixed_init_states(tmp_path):
     )  # fmt: skip
     assert r.returncode == 2 and "--msaa applies to --init sampled" in r.stderr, r.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("suite, task", [("libero_object", 0), ("libero_goal", 3)])
+def test_frustum_culling_changes_no_pixel(suite, task):
+    """Every render culls the geoms out of the camera's view (LiberoEnv's default): each image
+    equals the one drawn whole, pixel for pixel, while the arm moves. libero_goal has a mirror
+    in view (the stove's top): the geoms reflected in it must stay (without that rule this
+    test fails: a few pixels of the reflection differ)."""
+    from vlatune.sim.env import LiberoEnv
+
+    env = LiberoEnv(suite, task, resolution=64)
+    try:
+        rng = np.random.default_rng(0)
+        env.reset(0)
+        sim = env.sim.sim
+        for action in np.clip(rng.normal(0, 0.5, (10, 7)), -1, 1):
+            env.step(action, render=False)
+            culling = sim._render_context_offscreen._vlatune_culling
+            for camera in ("agentview", "robot0_eye_in_hand"):
+                culled = sim.render(64, 64, camera_name=camera).copy()
+                culling.enabled = False
+                whole = sim.render(64, 64, camera_name=camera)
+                culling.enabled = True
+                np.testing.assert_array_equal(culled, whole)
+        stats = env.render_stats
+        assert stats["culled"] == stats["renders"] >= 20 and stats["geoms_hidden"] > 0, stats
+    finally:
+        env.close()

@@ -20,9 +20,10 @@
 Each stage reuses what a previous run with the same `--out` finished (data, conversion); training
 resumes from its last checkpoint; the evaluation of each checkpoint has its own folder.
 
-Defaults are sized so the whole demo takes about 30 minutes on 2 quiet CPU cores (set-up about
-1.5 more from nothing), measured 28.8-29.7: recording 60 demonstrations 12.5-14.0 min (61-64
-tried; about 13 s each with 2 processes, rendering two cameras dominates), conversion 0.7,
+Defaults are sized so the whole demo takes under 30 minutes on 2 quiet CPU cores (set-up about
+1.5 more from nothing), measured 27.3 (28.8-29.7 before frustum culling): recording 60
+demonstrations 12.4 min (12.5-14.0 before; 61-64 tried; about 12 s each with 2 processes,
+rendering two cameras dominates: `vlatune.sim.render.FrustumCulling`), conversion 0.7,
 training 13-14 (2,400 steps of 32 samples at 90-99 samples/s; slower machines train at 70),
 evaluation 2 (20 trials in 2 processes; only 4 trials are filmed, the others render just the
 frames the policy sees). The expert carries and lowers in one motion (`descend_radius`, a funnel

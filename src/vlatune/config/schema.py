@@ -130,6 +130,11 @@ class HeadConfig(Strict):
 
     mlp_dim: int = Field(256, gt=0, description="l1: MLP-ResNet width")
     mlp_blocks: int = Field(2, gt=0)
+    queries: Literal["per_dim", "per_step"] = Field(
+        "per_dim",
+        description="l1: one learned query per action value (H x A, OpenVLA-OFT) or one per "
+        "timestep (H, A values each: A times fewer tokens in the backbone's sequence)",
+    )
     expert: Literal["joint", "cross_attention"] = Field(
         "cross_attention",
         description="diffusion / flow: action tokens attend jointly with the context (pi0-style "

@@ -215,11 +215,12 @@ def synthesize(
 def _record_task(pool, workers, setting, episodes, first_seed, tick):
     """One task's successful demonstrations, seeds first_seed, first_seed + 1, ... in the pool's
     workers (`setting`: suite, task, resolution, cameras, msaa, expert params): (kept sorted by
-    seed, tried, solved)."""
+    seed, tried, solved, the workers' render counts: `FrustumCulling.stats`)."""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     kept: list[tuple[int, Episode]] = []
     tried, solved, next_seed = 0, 0, first_seed
+    render: dict[str, int] = {}
     limit = 3 * episodes + 10  # attempts before giving up on an expert that rarely succeeds
     # one job per seed, at most one per worker and never more than the successes still needed:
     # nothing is recorded after the last one needed came in
@@ -235,7 +236,10 @@ def _record_task(pool, workers, setting, episodes, first_seed, tick):
             next_seed += 1
         finished, running = wait(running, return_when=FIRST_COMPLETED)
         for fut in finished:
-            for s, ok, ep in fut.result():
+            results, counts = fut.result()
+            for k, v in counts.items():
+                render[k] = render.get(k, 0) + v
+            for s, ok, ep in results:
                 tried += 1
                 solved += int(ok)
                 if ok and len(kept) < episodes:
@@ -244,14 +248,15 @@ def _record_task(pool, workers, setting, episodes, first_seed, tick):
     for fut in running:  # started before the last success came in: not needed
         fut.cancel()
     kept.sort(key=lambda x: x[0])
-    return kept, tried, solved
+    return kept, tried, solved, render
 
 
 _WORKER_ENVS: dict[tuple, LiberoEnv] = {}  # per worker process: environments are slow to build
 
 
-def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
-    """In a worker process: record the expert from the sampled initial state of each seed."""
+def _sampled_worker(job: tuple) -> tuple[list[tuple[int, bool, Episode | None]], dict]:
+    """In a worker process: record the expert from the sampled initial state of each seed;
+    also this job's render counts (frustum culling)."""
     suite, task_id, resolution, cameras, msaa, seeds, params = job
     key = (suite, task_id, resolution, cameras, msaa)
     if key not in _WORKER_ENVS:
@@ -268,13 +273,14 @@ def _sampled_worker(job: tuple) -> list[tuple[int, bool, Episode | None]]:
             msaa=msaa,
         )
     env = _WORKER_ENVS[key]
+    before = dict(env.render_stats)
     out = []
     for seed in seeds:
         state = env.sample_init_state(seed)
         ok, ep = record_replay(env, state, None, init_is_state=True, params=params, noise_seed=seed)
         ep.meta["init_seed"] = seed
         out.append((seed, ok, ep if ok else None))
-    return out
+    return out, {k: v - before.get(k, 0) for k, v in env.render_stats.items()}
 
 
 def synthesize_sampled(
@@ -325,7 +331,7 @@ def synthesize_sampled(
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             for i, tid in enumerate(task_ids):
                 first = seed * 10_000 + i * 1_000
-                kept, tried, solved = _record_task(
+                kept, tried, solved, render = _record_task(
                     pool, workers, (suite, tid, resolution, tuple(cameras), msaa, params),
                     episodes, first, tick,
                 )  # fmt: skip
@@ -353,6 +359,8 @@ def synthesize_sampled(
                     "expert_success_rate": solved / tried if tried else 0.0,
                     "init_seeds": [s for s, _ in kept],
                     "mean_steps": float(np.mean([ep.length for _, ep in kept])),
+                    # renders that hid geoms out of view, and those drawn whole (and why)
+                    "frustum_culling": render,
                 }
         writer.close()
         report = {

@@ -2,7 +2,9 @@
 
 - `l1` (OpenVLA-OFT): H x A learnable action queries join the backbone's sequence and are
   decoded in the same forward pass (parallel decoding, bidirectional attention); the queries of
-  one timestep are concatenated and an MLP-ResNet maps them to its A values; L1 loss.
+  one timestep are concatenated and an MLP-ResNet maps them to its A values; L1 loss. With
+  `queries: per_step`, one query per timestep instead (H tokens, not H x A: a shorter sequence,
+  for small CPU policies), the MLP-ResNet mapping each to the A values.
 - `diffusion`: epsilon prediction by an action expert, trained and sampled with a diffusers
   scheduler (DDIM, or DPM-Solver++ for few-step RDT-style sampling).
 - `flow` (pi0 / GR00T): x_t = t * noise + (1 - t) * a with t ~ Beta(1.5, 1) (scaled to
@@ -55,8 +57,10 @@ class L1Head(nn.Module):
     def __init__(self, cfg, dim: int, horizon: int, action_dim: int):
         super().__init__()
         self.horizon, self.action_dim, self.dim = horizon, action_dim, dim
-        self.query = nn.Parameter(torch.randn(horizon * action_dim, dim) * 0.02)
-        self.mlp = MLPResNet(action_dim * dim, cfg.mlp_dim, action_dim, cfg.mlp_blocks)
+        per_step = cfg.queries == "per_step"
+        n, width = (horizon, dim) if per_step else (horizon * action_dim, action_dim * dim)
+        self.query = nn.Parameter(torch.randn(n, dim) * 0.02)
+        self.mlp = MLPResNet(width, cfg.mlp_dim, action_dim, cfg.mlp_blocks)
 
     def queries(self, batch: int) -> torch.Tensor:
         return self.query.unsqueeze(0).expand(batch, -1, -1)
@@ -64,7 +68,7 @@ class L1Head(nn.Module):
     def sample(self, out: BackboneOutput) -> torch.Tensor:
         q = out.hidden[:, -out.n_queries :]
         B = q.shape[0]
-        return self.mlp(q.reshape(B, self.horizon, self.action_dim * self.dim))
+        return self.mlp(q.reshape(B, self.horizon, -1))
 
     def loss(self, out: BackboneOutput, actions: torch.Tensor, mask: torch.Tensor):
         pred = self.sample(out)
