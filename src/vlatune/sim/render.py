@@ -7,11 +7,11 @@ simulator worker per core they contend.
 
 Frustum culling: MuJoCo draws every visible geom for every camera, and software GL pays for each
 triangle it transforms, in view or not. `FrustumCulling` hides, for the one render, the geoms
-whose bounding sphere lies wholly outside the camera's view: no pixel can change (they could
-only show up through a shadow or a mirror: geoms whose mirror image is in view stay, and nothing
-is culled while a light casts shadows),
-and the LIBERO wrist camera, which sees a small part of the scene, renders about 25% faster
-(libero_object: 38 -> 29 ms per 128-px image; agentview 69 -> 67 ms).
+whose bounding sphere lies wholly outside the camera's view. No pixel can change: such geoms
+could only show through a shadow or a mirror, so nothing is culled while a light casts shadows,
+and a geom whose mirror image is in view stays. The LIBERO wrist camera, which sees a small part
+of the scene, renders about 25-30% faster (libero_object: 38 -> 27 ms per 128-px image;
+agentview, which sees most of it, 3%): `benchmarks/render_culling.py`.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ class FrustumCulling:
     whole because culling could have changed a pixel: `kept_reflection` (an unbounded mirror
     plane in view; a bounded mirror in view, such as LIBERO's stove top, keeps the geoms whose
     reflection is in view) and `kept_shadow` (a light casts shadows: a geom out of view can cast
-    one into it); also `kept_other` (segmentation,
-    free or orthographic camera, no hidden geom group left)."""
+    one into it); also `kept_other` (segmentation, free or orthographic camera, no hidden geom
+    group left)."""
 
     def __init__(self, sim, stats: dict[str, int] | None = None):
         import mujoco
